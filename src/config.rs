@@ -1,0 +1,474 @@
+//! Configuration: serde structs for the TOML file, `${VAR}` expansion, and `validate()`.
+//!
+//! Loading is parse → expand env → validate; an invalid file never replaces a running config.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("environment variable {0} referenced in config is not set")]
+    MissingEnv(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    pub jwt: JwtConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub tenants: TenantsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// No TLS: SSLRequest is answered 'N'.
+    Disable,
+    /// TLS offered when a certificate is configured; plaintext accepted.
+    #[default]
+    Allow,
+    /// Plaintext clients are refused (28000) before they send a password.
+    Require,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Client listener. Default 127.0.0.1:6432.
+    #[serde(default = "ListenConfig::default_addr")]
+    pub addr: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// Accept a cleartext JWT from a non-loopback client without TLS. Default false.
+    #[serde(default)]
+    pub allow_cleartext_password_without_tls: bool,
+    /// Startup parameters a client may set; everything else (and always `options`) is dropped.
+    #[serde(default = "ListenConfig::default_forward_params")]
+    pub forward_params: Vec<String>,
+}
+
+impl ListenConfig {
+    fn default_addr() -> SocketAddr {
+        "127.0.0.1:6432".parse().expect("valid literal address")
+    }
+    pub fn default_forward_params() -> Vec<String> {
+        [
+            "application_name",
+            "client_encoding",
+            "DateStyle",
+            "TimeZone",
+            "IntervalStyle",
+            "extra_float_digits",
+            "lc_monetary",
+            "lc_numeric",
+            "lc_time",
+            "bytea_output",
+            "statement_timeout",
+            "lock_timeout",
+            "idle_in_transaction_session_timeout",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// HTTP listener for /metrics, /healthz, /readyz.
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Allowed algorithms, e.g. ["HS256"] or ["RS256", "ES256"]. Never taken from the token alone.
+    #[serde(default = "JwtConfig::default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// HMAC secret (use `${ENV_VAR}`); at least 32 bytes.
+    pub secret: Option<String>,
+    /// File holding the HMAC secret (trailing newline stripped).
+    pub secret_file: Option<PathBuf>,
+    /// PEM public key (RSA, EC or Ed25519) for RS*/PS*/ES*/EdDSA.
+    pub public_key_file: Option<PathBuf>,
+    /// JWKS JSON file; the token's `kid` selects the key.
+    pub jwks_file: Option<PathBuf>,
+    /// Required and matched when set.
+    pub issuer: Option<String>,
+    /// Required and matched when set.
+    pub audience: Option<String>,
+    /// Claim holding the tenant id; dots address nested claims ("app.tenant").
+    #[serde(default = "JwtConfig::default_tenant_claim")]
+    pub tenant_claim: String,
+    /// Claim holding the user; dots address nested claims. Default "sub".
+    #[serde(default = "JwtConfig::default_user_claim")]
+    pub user_claim: String,
+    /// Clock skew tolerated for exp/nbf/iat, seconds. Default 30.
+    #[serde(default = "JwtConfig::default_leeway")]
+    pub leeway_secs: u64,
+    /// Tenant ids must match this pattern (anchored). Default `^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`.
+    #[serde(default = "JwtConfig::default_tenant_pattern")]
+    pub tenant_pattern: String,
+}
+
+impl JwtConfig {
+    fn default_algorithms() -> Vec<String> {
+        vec!["HS256".into()]
+    }
+    fn default_tenant_claim() -> String {
+        "tenant_id".into()
+    }
+    fn default_user_claim() -> String {
+        "sub".into()
+    }
+    fn default_leeway() -> u64 {
+        30
+    }
+    pub fn default_tenant_pattern() -> String {
+        "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$".into()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// One database per tenant: no tenant context is applied.
+    Dedicated,
+    /// Several tenants share the database; RLS keys on `tenant_setting`.
+    Shared,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerTlsMode {
+    #[default]
+    Disable,
+    Prefer,
+    Require,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub kind: UpstreamKind,
+    /// postgres://user:password@host:port/dbname
+    pub url: String,
+    /// Session setting that carries the tenant on shared upstreams.
+    #[serde(default = "UpstreamConfig::default_tenant_setting")]
+    pub tenant_setting: String,
+    /// Server connections in this pool. Default 20.
+    #[serde(default = "UpstreamConfig::default_pool_size")]
+    pub pool_size: u32,
+    /// Wait this long for a free server connection, then 53300. Default 5s.
+    #[serde(with = "humantime_serde", default = "UpstreamConfig::default_checkout_timeout")]
+    pub checkout_timeout: Duration,
+    /// TCP connect + startup + auth deadline for a new server connection. Default 5s.
+    #[serde(with = "humantime_serde", default = "UpstreamConfig::default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Idle server connections are closed after this long. Default 10m.
+    #[serde(with = "humantime_serde", default = "UpstreamConfig::default_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// TLS to the server. Default disable.
+    #[serde(default)]
+    pub tls: ServerTlsMode,
+    /// CA bundle to verify the server certificate; without it the certificate is not verified.
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl UpstreamConfig {
+    fn default_tenant_setting() -> String {
+        "app.current_tenant_id".into()
+    }
+    fn default_pool_size() -> u32 {
+        20
+    }
+    fn default_checkout_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+}
+
+/// `[tenants]`: `default = "upstream"` plus `tenant = "upstream"` entries.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TenantsConfig {
+    pub default: Option<String>,
+    #[serde(flatten)]
+    pub map: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Deadline for TLS + startup + password. Default 10s.
+    #[serde(with = "humantime_serde", default = "LimitsConfig::default_auth_timeout")]
+    pub auth_timeout: Duration,
+    /// Largest frame accepted from a client after authentication. Default 64 MiB.
+    #[serde(default = "LimitsConfig::default_max_frame")]
+    pub max_client_frame_bytes: u32,
+    /// Largest password (JWT) message. Default 64 KiB.
+    #[serde(default = "LimitsConfig::default_max_password")]
+    pub max_password_bytes: u32,
+    /// Connections still authenticating, at most. Default 1024.
+    #[serde(default = "LimitsConfig::default_max_pre_auth")]
+    pub max_pre_auth_connections: usize,
+    /// Client connections at most. Default 10000.
+    #[serde(default = "LimitsConfig::default_max_clients")]
+    pub max_client_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            auth_timeout: Self::default_auth_timeout(),
+            max_client_frame_bytes: Self::default_max_frame(),
+            max_password_bytes: Self::default_max_password(),
+            max_pre_auth_connections: Self::default_max_pre_auth(),
+            max_client_connections: Self::default_max_clients(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn default_auth_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_max_frame() -> u32 {
+        64 << 20
+    }
+    fn default_max_password() -> u32 {
+        64 << 10
+    }
+    fn default_max_pre_auth() -> usize {
+        1024
+    }
+    fn default_max_clients() -> usize {
+        10_000
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text)?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text after `${VAR}` expansion. Does not validate.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let expanded = expand_env(text)?;
+        toml::from_str(&expanded).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Relative file paths are taken relative to the current directory first, then to the config file.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut Option<PathBuf>| {
+            if let Some(path) = p {
+                if path.is_relative() && !path.exists() && base.join(&*path).exists() {
+                    *path = base.join(&*path);
+                }
+            }
+        };
+        fix(&mut self.listen.tls_cert);
+        fix(&mut self.listen.tls_key);
+        fix(&mut self.jwt.secret_file);
+        fix(&mut self.jwt.public_key_file);
+        fix(&mut self.jwt.jwks_file);
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen.tls_cert.is_some() != self.listen.tls_key.is_some() {
+            return invalid("listen.tls_cert and listen.tls_key must be set together".into());
+        }
+        if self.listen.tls == TlsMode::Require && self.listen.tls_cert.is_none() {
+            return invalid("listen.tls = \"require\" needs tls_cert and tls_key".into());
+        }
+        if self.upstreams.is_empty() {
+            return invalid("at least one [upstreams.NAME] is required".into());
+        }
+        for (name, up) in &self.upstreams {
+            crate::pool::UpstreamTarget::from_url(&up.url).map_err(|e| {
+                ConfigError::Invalid(format!("upstreams.{name}.url: {e}"))
+            })?;
+            if up.pool_size == 0 {
+                return invalid(format!("upstreams.{name}.pool_size must be at least 1"));
+            }
+            if up.kind == UpstreamKind::Shared && !valid_setting_name(&up.tenant_setting) {
+                return invalid(format!(
+                    "upstreams.{name}.tenant_setting must look like \"prefix.name\" (a custom placeholder setting)"
+                ));
+            }
+        }
+        if let Some(d) = &self.tenants.default {
+            if !self.upstreams.contains_key(d) {
+                return invalid(format!("tenants.default names unknown upstream {d:?}"));
+            }
+        }
+        for (tenant, up) in &self.tenants.map {
+            if !self.upstreams.contains_key(up) {
+                return invalid(format!("tenants.{tenant} names unknown upstream {up:?}"));
+            }
+        }
+        let sources = [
+            self.jwt.secret.is_some(),
+            self.jwt.secret_file.is_some(),
+            self.jwt.public_key_file.is_some(),
+            self.jwt.jwks_file.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return invalid(
+                "[jwt] needs exactly one of secret, secret_file, public_key_file, jwks_file".into(),
+            );
+        }
+        if let Err(e) = regex::Regex::new(&self.jwt.tenant_pattern) {
+            return invalid(format!("jwt.tenant_pattern: {e}"));
+        }
+        if self.jwt.leeway_secs > 300 {
+            return invalid("jwt.leeway_secs above 300 is refused".into());
+        }
+        Ok(())
+    }
+}
+
+/// A custom setting name such as `app.current_tenant_id`: two or more dotted identifiers.
+fn valid_setting_name(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() >= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !p.starts_with(|c: char| c.is_ascii_digit())
+        })
+}
+
+/// Replaces `${VAR}` with the environment variable's value; `$${` escapes a literal `${`.
+pub fn expand_env(text: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        if rest[..i].ends_with('$') {
+            out.push_str(&rest[..i - 1]);
+            out.push_str("${");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| ConfigError::Parse("unterminated ${ in config".into()))?;
+        let name = &after[..end];
+        let value = std::env::var(name).map_err(|_| ConfigError::MissingEnv(name.into()))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[listen]
+addr = "127.0.0.1:6432"
+tls = "allow"
+
+[admin]
+addr = "127.0.0.1:9930"
+
+[jwt]
+algorithms = ["HS256"]
+secret = "0123456789abcdef0123456789abcdef"
+issuer = "https://auth.example.com"
+audience = "pgtenant"
+
+[upstreams.shared]
+kind = "shared"
+url = "postgres://pgtenant:secret@127.0.0.1:5432/saas"
+tenant_setting = "app.current_tenant_id"
+pool_size = 20
+
+[upstreams.acme]
+kind = "dedicated"
+url = "postgres://acme_app:secret@127.0.0.1:5432/acme_db"
+pool_size = 5
+checkout_timeout = "2s"
+
+[tenants]
+default = "shared"
+acme = "acme"
+"#;
+
+    #[test]
+    fn issue_sample_parses_and_validates() {
+        let cfg = Config::parse(SAMPLE).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.tenants.default.as_deref(), Some("shared"));
+        assert_eq!(cfg.tenants.map.get("acme").map(String::as_str), Some("acme"));
+        assert_eq!(cfg.upstreams["acme"].checkout_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.jwt.leeway_secs, 30);
+    }
+
+    #[test]
+    fn unknown_upstream_in_tenant_map_is_rejected() {
+        let bad = SAMPLE.replace("acme = \"acme\"", "acme = \"nope\"");
+        let err = Config::parse(&bad).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("unknown upstream"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let bad = SAMPLE.replace("pool_size = 5", "pool_sise = 5");
+        assert!(Config::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn env_expansion() {
+        std::env::set_var("PGTENANT_TEST_SECRET_X", "abc");
+        assert_eq!(expand_env("a ${PGTENANT_TEST_SECRET_X} b").unwrap(), "a abc b");
+        assert_eq!(expand_env("lit $${X}").unwrap(), "lit ${X}");
+        assert!(matches!(
+            expand_env("${PGTENANT_SURELY_UNSET_VAR}"),
+            Err(ConfigError::MissingEnv(_))
+        ));
+    }
+
+    #[test]
+    fn setting_names() {
+        assert!(valid_setting_name("app.current_tenant_id"));
+        assert!(!valid_setting_name("search_path"));
+        assert!(!valid_setting_name("app.x'; drop"));
+    }
+}

@@ -1,0 +1,24 @@
+//! pgtenant: a tenant-aware PostgreSQL wire-protocol proxy.
+//!
+//! Clients connect as to PostgreSQL with a JWT as the password. pgtenant verifies it,
+//! takes the tenant from its claims, and either routes the session to the tenant's own
+//! database or pins a pooled connection to a shared database with the tenant context set.
+//!
+//! Layout (see ARCHITECTURE.md):
+//! - `config`: TOML config, env expansion, validation
+//! - `protocol`: frames and messages; no I/O policy, no tenant knowledge
+//! - `auth`: JWT verification, keys; returns an `Identity`
+//! - `tenant`: `TenantId`, routing of tenants to upstreams
+//! - `pool`: server connections (bb8 manager), checkout, reset
+//! - `session`: one client: startup → auth → route → checkout → relay
+//! - `server`: listener, accept loop, shutdown
+//! - `metrics`, `admin`: metric names and the HTTP endpoint
+//! - `error`: every error mapped to SQLSTATE at the edge
+
+#![deny(clippy::unwrap_used, clippy::dbg_macro, clippy::todo)]
+// Tests may unwrap: a panic there is a failed test, not a crashed proxy.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod config;
+pub mod pool;
+pub mod tenant;
