@@ -1,0 +1,187 @@
+//! The edge: every error a client can see, mapped to SQLSTATE, message and metric label in
+//! one place. Module errors convert into `ClientError`; only this file chooses SQLSTATEs.
+//! Server ErrorResponses are relayed unchanged and never pass through here.
+
+use tokio_postgres::error::SqlState;
+
+use crate::auth::AuthError;
+use crate::pool::{PoolError, ServerError};
+use crate::protocol::frame::{FrameError, ReadFrameError};
+use crate::protocol::messages::Severity;
+use crate::tenant::RouteError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("TLS is required: connect with sslmode=require")]
+    TlsRequired,
+    #[error("pgtenant refuses a password over a plaintext connection from a non-loopback address: connect with sslmode=require")]
+    CleartextRefused,
+    #[error("authentication timed out")]
+    AuthTimeout,
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    Route(#[from] RouteError),
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+    #[error("could not prepare a server connection: {0}")]
+    ServerSetup(ServerError),
+    #[error("too many client connections to pgtenant")]
+    TooManyClients,
+    #[error("pgtenant is shutting down")]
+    ShuttingDown,
+    #[error("the server connection was lost")]
+    ServerLost,
+    #[error("client connection lost: {0}")]
+    ClientIo(#[from] std::io::Error),
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        ClientError::Protocol(format!("invalid frontend message: {e}"))
+    }
+}
+
+impl From<ReadFrameError> for ClientError {
+    fn from(e: ReadFrameError) -> Self {
+        match e {
+            ReadFrameError::Io(io) => ClientError::ClientIo(io),
+            ReadFrameError::Frame(f) => f.into(),
+        }
+    }
+}
+
+/// What the client is sent: severity, SQLSTATE and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError {
+    pub severity: Severity,
+    pub code: String,
+    pub message: String,
+}
+
+impl ClientError {
+    /// SQLSTATE for this error (see design/isolation.md's table).
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            ClientError::Protocol(_) => SqlState::PROTOCOL_VIOLATION,
+            ClientError::Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
+            ClientError::TlsRequired | ClientError::CleartextRefused => {
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            }
+            ClientError::AuthTimeout => SqlState::PROTOCOL_VIOLATION,
+            ClientError::Auth(e) if e.is_invalid_token() => SqlState::INVALID_PASSWORD,
+            ClientError::Auth(_) | ClientError::Route(_) => {
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            }
+            ClientError::Pool(PoolError::Exhausted { .. }) => SqlState::TOO_MANY_CONNECTIONS,
+            ClientError::Pool(PoolError::Unreachable { .. }) => {
+                SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+            }
+            ClientError::Pool(PoolError::UnknownUpstream(_)) => SqlState::INTERNAL_ERROR,
+            ClientError::ServerSetup(ServerError::Db { code, .. }) => SqlState::from_code(code),
+            ClientError::ServerSetup(_) => SqlState::CONNECTION_FAILURE,
+            ClientError::TooManyClients => SqlState::TOO_MANY_CONNECTIONS,
+            ClientError::ShuttingDown => SqlState::ADMIN_SHUTDOWN,
+            ClientError::ServerLost | ClientError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
+        }
+    }
+
+    /// The message sent to the client. Internal detail (I/O errors of the server side,
+    /// addresses) is summarized; nothing here may contain a token or password.
+    pub fn to_wire(&self) -> WireError {
+        let message = match self {
+            ClientError::ServerSetup(ServerError::Db { message, .. }) => {
+                format!("could not prepare a server connection: {message}")
+            }
+            ClientError::ServerSetup(_) => {
+                "server connection failed while preparing the session".to_string()
+            }
+            other => other.to_string(),
+        };
+        WireError {
+            severity: Severity::Fatal,
+            code: self.sqlstate().code().to_string(),
+            message,
+        }
+    }
+
+    /// Metric label for auth failures and refused sessions.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ClientError::Protocol(_) => "protocol",
+            ClientError::Unsupported(_) => "unsupported",
+            ClientError::TlsRequired => "tls_required",
+            ClientError::CleartextRefused => "cleartext_refused",
+            ClientError::AuthTimeout => "timeout",
+            ClientError::Auth(e) => e.reason(),
+            ClientError::Route(_) => "unknown_tenant",
+            ClientError::Pool(PoolError::Exhausted { .. }) => "pool_exhausted",
+            ClientError::Pool(PoolError::Unreachable { .. }) => "upstream_unreachable",
+            ClientError::Pool(PoolError::UnknownUpstream(_)) => "unknown_upstream",
+            ClientError::ServerSetup(_) => "server_setup",
+            ClientError::TooManyClients => "too_many_clients",
+            ClientError::ShuttingDown => "shutting_down",
+            ClientError::ServerLost => "server_lost",
+            ClientError::ClientIo(_) => "client_io",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_follow_the_design_table() {
+        let cases: Vec<(ClientError, &str)> = vec![
+            (ClientError::Protocol("x".into()), "08P01"),
+            (FrameError::TooLarge { len: 10, max: 5 }.into(), "08P01"),
+            (ClientError::Unsupported("replication".into()), "0A000"),
+            (ClientError::TlsRequired, "28000"),
+            (ClientError::CleartextRefused, "28000"),
+            (RouteError::UnknownTenant("t".into()).into(), "28000"),
+            (
+                PoolError::Exhausted {
+                    pool: "shared".into(),
+                    waited_ms: 5,
+                }
+                .into(),
+                "53300",
+            ),
+            (
+                PoolError::Unreachable {
+                    pool: "shared".into(),
+                    reason: "refused".into(),
+                }
+                .into(),
+                "08001",
+            ),
+            (ClientError::ShuttingDown, "57P01"),
+            (
+                ClientError::ServerSetup(ServerError::Db {
+                    code: "22023".into(),
+                    message: "bad TimeZone".into(),
+                    severity: "ERROR".into(),
+                }),
+                "22023",
+            ),
+        ];
+        for (err, code) in cases {
+            assert_eq!(err.to_wire().code, code, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn exhausted_message_names_the_pool() {
+        let e: ClientError = PoolError::Exhausted {
+            pool: "shared".into(),
+            waited_ms: 5000,
+        }
+        .into();
+        assert!(e.to_wire().message.contains("shared"));
+    }
+}

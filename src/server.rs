@@ -1,0 +1,175 @@
+//! The listener: shared state, accept loop, admin endpoint, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::auth::JwtVerifier;
+use crate::cancel::CancelRegistry;
+use crate::config::{Config, TlsMode};
+use crate::pool::Pools;
+use crate::tenant::Router;
+
+/// State every session reads. Config and routing are snapshots swapped whole on reload.
+pub struct Shared {
+    config: ArcSwap<Config>,
+    router: ArcSwap<Router>,
+    pub verifier: JwtVerifier,
+    pub pools: Pools,
+    pub cancels: CancelRegistry,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub pre_auth: Arc<Semaphore>,
+    pub clients: Arc<Semaphore>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// The config snapshot for one session or request; read once, not per message.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn router(&self) -> Arc<Router> {
+        self.router.load_full()
+    }
+}
+
+/// A running proxy: its bound addresses and a way to stop it.
+pub struct ProxyHandle {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting; sessions end at their next idle point with 57P01.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+
+    /// Shuts down and waits for the accept loop to end.
+    pub async fn stop(self) {
+        self.shutdown();
+        let _ = self.accept_task.await;
+    }
+}
+
+/// Binds the listeners and starts serving in the background.
+pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
+    crate::tls::install_crypto_provider();
+    let metrics_handle = crate::metrics::install();
+    let verifier = JwtVerifier::from_config(&config.jwt).context("[jwt]")?;
+    verifier.self_test().context("JWT crypto self-test")?;
+    let tls = match (
+        &config.listen.tls_cert,
+        &config.listen.tls_key,
+        config.listen.tls,
+    ) {
+        (_, _, TlsMode::Disable) => None,
+        (Some(cert), Some(key), _) => {
+            Some(crate::tls::acceptor(cert, key).context("[listen] TLS")?)
+        }
+        _ => None,
+    };
+    let pools = Pools::from_config(&config).context("[upstreams]")?;
+    let listener = TcpListener::bind(config.listen.addr)
+        .await
+        .with_context(|| format!("binding {}", config.listen.addr))?;
+    let addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let shared = Arc::new(Shared {
+        router: ArcSwap::from_pointee(Router::from_config(&config)),
+        pre_auth: Arc::new(Semaphore::new(config.limits.max_pre_auth_connections)),
+        clients: Arc::new(Semaphore::new(config.limits.max_client_connections)),
+        config: ArcSwap::from_pointee(config),
+        verifier,
+        pools,
+        cancels: CancelRegistry::default(),
+        tls,
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let admin_addr = match shared.config().admin.as_ref() {
+        Some(admin) => Some(
+            crate::admin::spawn(
+                admin.addr,
+                shared.clone(),
+                metrics_handle,
+                shutdown_rx.clone(),
+            )
+            .await
+            .with_context(|| format!("binding admin listener {}", admin.addr))?,
+        ),
+        None => None,
+    };
+
+    let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+    info!(%addr, admin = ?admin_addr, "pgtenant listening");
+    Ok(ProxyHandle {
+        addr,
+        admin_addr,
+        shared,
+        shutdown_tx,
+        accept_task,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                info!("listener closed for shutdown");
+                return;
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    tokio::spawn(crate::session::serve(tcp, peer, shared.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let handle = spawn(config).await?;
+    wait_for_signal().await;
+    info!("shutting down");
+    handle.stop().await;
+    Ok(())
+}
+
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

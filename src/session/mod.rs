@@ -1,0 +1,247 @@
+//! One client connection: handshake → JWT → route → checkout (with tenant context) → relay →
+//! release. The per-session decisions live here; bytes move in `relay`.
+
+mod client;
+mod handshake;
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::auth::Identity;
+use crate::cancel::CancelTarget;
+use crate::config::UpstreamKind;
+use crate::error::ClientError;
+use crate::metrics as m;
+use crate::pool::PooledServer;
+use crate::protocol::messages;
+use crate::server::Shared;
+
+use client::ClientConn;
+use handshake::{Hello, Refused, StartupParams};
+use relay::{Relay, RelayEnd};
+
+/// Serves one accepted TCP connection to its end. Never panics on client input; every
+/// refusal is a FATAL ErrorResponse with a SQLSTATE.
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let Ok(pre_auth) = shared.pre_auth.clone().try_acquire_owned() else {
+        m_refused("pre_auth_limit");
+        return;
+    };
+    let config = shared.config();
+    let hello = tokio::time::timeout(
+        config.limits.auth_timeout,
+        handshake::handshake(tcp, peer, &config, shared.tls.clone()),
+    )
+    .await;
+    let (mut conn, params, token) = match hello {
+        Err(_elapsed) => {
+            m_auth_failure("timeout");
+            return;
+        }
+        Ok(Ok(Hello::Gone)) => return,
+        Ok(Ok(Hello::Cancel(key))) => {
+            shared.cancels.cancel(key).await;
+            return;
+        }
+        Ok(Err(Refused { conn, error })) => {
+            m_auth_failure(error.label());
+            if let Some(mut conn) = conn {
+                conn.send_error(&error).await;
+            }
+            return;
+        }
+        Ok(Ok(Hello::Session {
+            conn,
+            params,
+            token,
+        })) => (conn, params, token),
+    };
+
+    // No server connection is opened before the JWT verifies (design/reliability.md).
+    let identity = match shared.verifier.verify(&token) {
+        Ok(id) => id,
+        Err(e) => {
+            let error = ClientError::from(e);
+            m_auth_failure(error.label());
+            debug!(peer = %peer, reason = error.label(), "authentication failed");
+            conn.send_error(&error).await;
+            return;
+        }
+    };
+    drop(token);
+    drop(pre_auth);
+    let Ok(_client_slot) = shared.clients.clone().try_acquire_owned() else {
+        m_refused("too_many_clients");
+        conn.send_error(&ClientError::TooManyClients).await;
+        return;
+    };
+    if let Err(error) = run_session(&mut conn, &params, &identity, &shared).await {
+        if !matches!(error, ClientError::ClientIo(_)) {
+            conn.send_error(&error).await;
+        }
+    }
+}
+
+fn m_auth_failure(reason: &'static str) {
+    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+fn m_refused(reason: &'static str) {
+    metrics::counter!(m::SESSIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
+}
+
+async fn run_session(
+    conn: &mut ClientConn,
+    params: &StartupParams,
+    identity: &Identity,
+    shared: &Shared,
+) -> Result<(), ClientError> {
+    let route = shared.router().route(&identity.tenant).inspect_err(|_| {
+        m_auth_failure("unknown_tenant");
+    })?;
+    let upstream = route.upstream.clone();
+
+    // Settings applied with bind parameters before any client byte reaches the server:
+    // the tenant context (shared upstreams) and the client's allow-listed parameters.
+    let mut settings: Vec<(&str, &str)> = Vec::with_capacity(params.forwarded.len() + 1);
+    if let (UpstreamKind::Shared, Some(setting)) = (route.kind, route.tenant_setting.as_deref()) {
+        settings.push((setting, identity.tenant.as_str()));
+    }
+    settings.extend(
+        params
+            .forwarded
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+
+    let started = Instant::now();
+    let mut server = match shared.pools.checkout_ready(&upstream, &settings).await {
+        Ok(server) => server,
+        Err(e) => {
+            let error = ClientError::from(e);
+            m_refused(error.label());
+            return Err(error);
+        }
+    };
+    metrics::histogram!(m::POOL_CHECKOUT_SECONDS, "upstream" => upstream.to_string())
+        .record(started.elapsed().as_secs_f64());
+
+    let key = shared.cancels.register();
+    shared.cancels.set_target(
+        key,
+        Some(CancelTarget {
+            addr: server.cancel_addr,
+            pid: server.backend_pid,
+            secret: server.backend_secret,
+        }),
+    );
+
+    let tenant_label = m::tenant_label(identity.tenant.as_str());
+    let labels = [
+        ("tenant", tenant_label.clone()),
+        ("upstream", upstream.to_string()),
+    ];
+    metrics::counter!(m::SESSIONS_TOTAL, &labels).increment(1);
+    let open = metrics::gauge!(m::CLIENT_CONNECTIONS, &labels);
+    open.increment(1.0);
+    let queries = metrics::counter!(m::QUERIES_TOTAL, &labels);
+    info!(
+        tenant = %identity.tenant, user = %identity.user, upstream = %upstream,
+        peer = %conn.peer, application_name = params.application_name.as_deref().unwrap_or(""),
+        server = server.id, "session started"
+    );
+
+    let result = greet_and_relay(conn, &mut server, key, shared, &|n| queries.increment(n)).await;
+
+    shared.cancels.remove(key);
+    open.decrement(1.0);
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            release(server, false).await;
+            return Err(e);
+        }
+    };
+    let stats = outcome.stats;
+    info!(
+        tenant = %identity.tenant, upstream = %upstream, queries = stats.queries,
+        client_bytes = stats.client_bytes, server_bytes = stats.server_bytes,
+        end = ?outcome.end, "session ended"
+    );
+    let reusable = outcome.server_idle && !matches!(outcome.end, RelayEnd::ServerClosed);
+    release(server, reusable).await;
+    match outcome.end {
+        RelayEnd::ClientViolation(e) => Err(e),
+        RelayEnd::Shutdown => Err(ClientError::ShuttingDown),
+        RelayEnd::ServerClosed => Err(ClientError::ServerLost),
+        RelayEnd::Terminated | RelayEnd::ClientClosed => Ok(()),
+    }
+}
+
+struct RelayOutcome {
+    end: RelayEnd,
+    /// The server connection was between requests when the relay ended.
+    server_idle: bool,
+    stats: relay::RelayStats,
+}
+
+/// Sends AuthenticationOk, the server's ParameterStatus values, pgtenant's BackendKeyData and
+/// ReadyForQuery, then relays until the session ends.
+async fn greet_and_relay(
+    conn: &mut ClientConn,
+    server: &mut PooledServer,
+    key: crate::cancel::ClientKey,
+    shared: &Shared,
+    on_queries: &(dyn Fn(u64) + Send + Sync),
+) -> Result<RelayOutcome, ClientError> {
+    let mut hello = BytesMut::with_capacity(512);
+    messages::auth_ok(&mut hello);
+    for (name, value) in &server.params {
+        messages::parameter_status(&mut hello, name, value);
+    }
+    messages::backend_key_data(&mut hello, key.pid, key.secret);
+    messages::ready_for_query(&mut hello, server.tx_status);
+    conn.write_flush(&hello).await?;
+
+    let config = shared.config();
+    let mut relay = Relay {
+        client: &mut conn.io,
+        client_buf: &mut conn.read_buf,
+        server,
+        max_client_frame: config.limits.max_client_frame_bytes,
+        cycle: Default::default(),
+        stats: Default::default(),
+        on_queries,
+    };
+    let end = relay.run(shared.shutdown.clone()).await;
+    Ok(RelayOutcome {
+        end,
+        server_idle: relay.cycle.idle(),
+        stats: relay.stats,
+    })
+}
+
+/// Returns the server connection to its pool clean, or destroys it. Runs before the bb8
+/// guard drops, since check-in is synchronous (design/protocol.md trap 8).
+async fn release(mut server: PooledServer, reusable: bool) {
+    let outcome = if !reusable || server.broken || !server.read_buf.is_empty() {
+        server.broken = true;
+        "destroyed"
+    } else if server.reset().await.is_ok() {
+        "reset"
+    } else {
+        warn!(
+            server = server.id,
+            "server connection could not be reset; destroying it"
+        );
+        server.broken = true;
+        "destroyed"
+    };
+    metrics::counter!(m::SERVER_RESETS_TOTAL, "result" => outcome).increment(1);
+}
