@@ -109,7 +109,7 @@ impl TempPg {
             pg.write_conf(&base_conf)?;
             match pg.start_server() {
                 Ok(()) => return Ok(pg),
-                Err(e) if pg.log_tail(40).contains("could not bind") => last_err = Some(e),
+                Err(e) if pg.port_was_taken() => last_err = Some(e),
                 Err(e) => return Err(e),
             }
         }
@@ -263,6 +263,12 @@ rm -rf "$3""#;
         let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether the last start failed because another process holds our port.
+    fn port_was_taken(&self) -> bool {
+        let tail = self.log_tail(40);
+        tail.contains("could not bind") || tail.contains("could not create any TCP/IP sockets")
     }
 
     fn initdb(&self) -> anyhow::Result<()> {
@@ -563,5 +569,54 @@ mod tests {
         pg.stop().unwrap();
         assert!(!root.exists(), "temp dir removed");
         pg.stop().unwrap();
+    }
+
+    const WATCHDOG_CHILD: &str = "PGTENANT_TEST_WATCHDOG_CHILD";
+
+    /// Re-runs this test binary as a child that starts `TempPg::shared()`, SIGKILLs it, and
+    /// expects the watchdog to stop the server and remove the directory.
+    #[test]
+    fn shared_cluster_is_removed_after_sigkill() {
+        use std::io::BufRead;
+        if std::env::var_os(WATCHDOG_CHILD).is_some() {
+            let pg = TempPg::shared().unwrap();
+            println!("ROOT={}", pg.root_path().unwrap().display());
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            return;
+        }
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "embedded_pg::tests::shared_cluster_is_removed_after_sigkill",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(WATCHDOG_CHILD, "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let root = stdout
+            .lines()
+            .map(Result::unwrap)
+            // libtest prints "test <name> ... " on the same line first.
+            .find_map(|l| l.split_once("ROOT=").map(|(_, dir)| PathBuf::from(dir)))
+            .expect("child printed its cluster dir");
+        let pid_file = std::fs::read_to_string(root.join("data/postmaster.pid")).unwrap();
+        let postmaster: i32 = pid_file.lines().next().unwrap().parse().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let alive = || nix::sys::signal::kill(nix::unistd::Pid::from_raw(postmaster), None).is_ok();
+        for _ in 0..100 {
+            if !root.exists() && !alive() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!(
+            "after 10 s: dir exists {}, postmaster alive {}",
+            root.exists(),
+            alive()
+        );
     }
 }

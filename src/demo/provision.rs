@@ -137,7 +137,7 @@ pub fn instructions(env: &DemoEnv, proxy_port: u16, mint: &dyn Fn(&str, &str) ->
     let _ = writeln!(
         out,
         "\nThe password is the tenant's JWT (HS256, secret in {}).",
-        JWT_SECRET_FILE
+        env.workdir.join(JWT_SECRET_FILE).display()
     );
     let conninfo =
         |user: &str, db: &str| format!("host={host} port={proxy_port} user={user} dbname={db}");

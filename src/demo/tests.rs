@@ -56,6 +56,12 @@ async fn provisioned_demo_isolates_tenants_and_accepts_every_password_method() {
         env.jwt_secret
     );
     assert_eq!(env.jwt_secret.len(), 96);
+    let cert = std::fs::read(&env.tls_cert).unwrap();
+    assert_eq!(rustls_pemfile::certs(&mut &cert[..]).count(), 1);
+    let key = std::fs::read(&env.tls_key).unwrap();
+    assert!(rustls_pemfile::private_key(&mut &key[..])
+        .unwrap()
+        .is_some());
 
     // The pool role over TCP (SCRAM): no tenant, no rows.
     let pool = connect(&pg, &env, POOL_ROLE, "saas").await.unwrap();
