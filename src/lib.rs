@@ -14,11 +14,15 @@
 //! - `server`: listener, accept loop, shutdown
 //! - `metrics`, `admin`: metric names and the HTTP endpoint
 //! - `error`: every error mapped to SQLSTATE at the edge
+//! - `embedded_pg`: a throwaway PostgreSQL cluster (`TempPg`) for the demo and tests
+//! - `demo`: demo data provisioning and config for `pgtenant demo`
 
 #![deny(clippy::unwrap_used, clippy::dbg_macro, clippy::todo)]
 // Tests may unwrap: a panic there is a failed test, not a crashed proxy.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
+pub mod demo;
+pub mod embedded_pg;
 pub mod pool;
 pub mod tenant;
