@@ -12,7 +12,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config: {0}")]
     Parse(String),
     #[error("environment variable {0} referenced in config is not set")]
@@ -180,13 +183,22 @@ pub struct UpstreamConfig {
     #[serde(default = "UpstreamConfig::default_pool_size")]
     pub pool_size: u32,
     /// Wait this long for a free server connection, then 53300. Default 5s.
-    #[serde(with = "humantime_serde", default = "UpstreamConfig::default_checkout_timeout")]
+    #[serde(
+        with = "humantime_serde",
+        default = "UpstreamConfig::default_checkout_timeout"
+    )]
     pub checkout_timeout: Duration,
     /// TCP connect + startup + auth deadline for a new server connection. Default 5s.
-    #[serde(with = "humantime_serde", default = "UpstreamConfig::default_connect_timeout")]
+    #[serde(
+        with = "humantime_serde",
+        default = "UpstreamConfig::default_connect_timeout"
+    )]
     pub connect_timeout: Duration,
     /// Idle server connections are closed after this long. Default 10m.
-    #[serde(with = "humantime_serde", default = "UpstreamConfig::default_idle_timeout")]
+    #[serde(
+        with = "humantime_serde",
+        default = "UpstreamConfig::default_idle_timeout"
+    )]
     pub idle_timeout: Duration,
     /// TLS to the server. Default disable.
     #[serde(default)]
@@ -225,7 +237,10 @@ pub struct TenantsConfig {
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Deadline for TLS + startup + password. Default 10s.
-    #[serde(with = "humantime_serde", default = "LimitsConfig::default_auth_timeout")]
+    #[serde(
+        with = "humantime_serde",
+        default = "LimitsConfig::default_auth_timeout"
+    )]
     pub auth_timeout: Duration,
     /// Largest frame accepted from a client after authentication. Default 64 MiB.
     #[serde(default = "LimitsConfig::default_max_frame")]
@@ -317,9 +332,8 @@ impl Config {
             return invalid("at least one [upstreams.NAME] is required".into());
         }
         for (name, up) in &self.upstreams {
-            crate::pool::UpstreamTarget::from_url(&up.url).map_err(|e| {
-                ConfigError::Invalid(format!("upstreams.{name}.url: {e}"))
-            })?;
+            crate::pool::UpstreamTarget::from_url(&up.url)
+                .map_err(|e| ConfigError::Invalid(format!("upstreams.{name}.url: {e}")))?;
             if up.pool_size == 0 {
                 return invalid(format!("upstreams.{name}.pool_size must be at least 1"));
             }
@@ -436,8 +450,14 @@ acme = "acme"
         let cfg = Config::parse(SAMPLE).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.tenants.default.as_deref(), Some("shared"));
-        assert_eq!(cfg.tenants.map.get("acme").map(String::as_str), Some("acme"));
-        assert_eq!(cfg.upstreams["acme"].checkout_timeout, Duration::from_secs(2));
+        assert_eq!(
+            cfg.tenants.map.get("acme").map(String::as_str),
+            Some("acme")
+        );
+        assert_eq!(
+            cfg.upstreams["acme"].checkout_timeout,
+            Duration::from_secs(2)
+        );
         assert_eq!(cfg.jwt.leeway_secs, 30);
     }
 
@@ -457,7 +477,10 @@ acme = "acme"
     #[test]
     fn env_expansion() {
         std::env::set_var("PGTENANT_TEST_SECRET_X", "abc");
-        assert_eq!(expand_env("a ${PGTENANT_TEST_SECRET_X} b").unwrap(), "a abc b");
+        assert_eq!(
+            expand_env("a ${PGTENANT_TEST_SECRET_X} b").unwrap(),
+            "a abc b"
+        );
         assert_eq!(expand_env("lit $${X}").unwrap(), "lit ${X}");
         assert!(matches!(
             expand_env("${PGTENANT_SURELY_UNSET_VAR}"),

@@ -19,6 +19,7 @@
 // Tests may unwrap: a panic there is a failed test, not a crashed proxy.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod auth;
 pub mod config;
 pub mod pool;
 pub mod tenant;

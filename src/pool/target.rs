@@ -21,7 +21,11 @@ impl UpstreamTarget {
             return Err("scheme must be postgres:// or postgresql://".into());
         }
         let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
-        let host = url.host_str().ok_or("missing host")?.trim_matches(['[', ']']).to_owned();
+        let host = url
+            .host_str()
+            .ok_or("missing host")?
+            .trim_matches(['[', ']'])
+            .to_owned();
         let user = decode(url.username());
         if user.is_empty() {
             return Err("missing user".into());
@@ -31,7 +35,11 @@ impl UpstreamTarget {
             host,
             port: url.port().unwrap_or(5432),
             password: url.password().map(decode),
-            database: if database.is_empty() { user.clone() } else { database },
+            database: if database.is_empty() {
+                user.clone()
+            } else {
+                database
+            },
             user,
         })
     }
@@ -64,7 +72,8 @@ mod tests {
 
     #[test]
     fn parses_url_and_redacts_password() {
-        let t = UpstreamTarget::from_url("postgres://acme_app:s%40cret@db.example:5433/acme_db").unwrap();
+        let t = UpstreamTarget::from_url("postgres://acme_app:s%40cret@db.example:5433/acme_db")
+            .unwrap();
         assert_eq!(t.host, "db.example");
         assert_eq!(t.port, 5433);
         assert_eq!(t.user, "acme_app");

@@ -2,7 +2,7 @@
 
 mod router;
 
-pub use router::{Route, Router, RouteError};
+pub use router::{Route, RouteError, Router};
 
 use std::fmt;
 use std::sync::Arc;

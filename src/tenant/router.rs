@@ -93,11 +93,16 @@ acme = "acme"
         assert_eq!(acme.kind, UpstreamKind::Dedicated);
         let other = r.route(&TenantId::new_validated("medcorp")).unwrap();
         assert_eq!(&*other.upstream, "shared");
-        assert_eq!(other.tenant_setting.as_deref(), Some("app.current_tenant_id"));
+        assert_eq!(
+            other.tenant_setting.as_deref(),
+            Some("app.current_tenant_id")
+        );
 
         let strict = Router::from_config(&cfg(false));
         assert_eq!(
-            strict.route(&TenantId::new_validated("medcorp")).unwrap_err(),
+            strict
+                .route(&TenantId::new_validated("medcorp"))
+                .unwrap_err(),
             RouteError::UnknownTenant("medcorp".into())
         );
     }
