@@ -41,8 +41,9 @@ pub enum AuthError {
     WrongIssuer,
     #[error("token audience is not accepted")]
     WrongAudience,
-    /// A registered claim the config requires (`exp`, or `iss`/`aud` when configured).
-    #[error("token is missing required claim \"{0}\"")]
+    /// A registered claim the config requires (`exp`, or `iss`/`aud` when configured) is
+    /// absent, or present with a type jsonwebtoken cannot read (it reports both alike).
+    #[error("token has no valid \"{0}\" claim")]
     MissingRegisteredClaim(&'static str),
     /// A registered claim (`exp`, `nbf`, `iat`) that is not a NumericDate.
     #[error("token claim \"{0}\" has an invalid format")]

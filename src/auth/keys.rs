@@ -220,6 +220,14 @@ fn hmac_key(secret: Vec<u8>, source: &str, allowed: &[Algorithm]) -> Result<Veri
         )));
     }
     let algorithms = single_key_algorithms(KeyKind::Hmac, allowed, source)?;
+    // RFC 7518 §3.2 wants a key as long as the hash; 32 bytes is our floor for all HS*.
+    for (alg, want) in [(Algorithm::HS384, 48), (Algorithm::HS512, 64)] {
+        if algorithms.contains(&alg) && secret.len() < want {
+            tracing::warn!(
+                "{source} is shorter than {want} bytes, the size RFC 7518 asks for {alg:?}"
+            );
+        }
+    }
     let decoding = DecodingKey::from_secret(&secret);
     Ok(VerifyKey {
         kid: None,
