@@ -85,20 +85,9 @@ pub(crate) enum KeySet {
 impl std::fmt::Debug for KeySet {
     /// Key ids and kinds only: no key material, even though `DecodingKey` redacts its own.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let list = |keys: &mut dyn Iterator<Item = &VerifyKey>| {
-            keys.map(|k| format!("{:?}:{:?}", k.kid, k.kind))
-                .collect::<Vec<_>>()
-        };
-        match self {
-            KeySet::Single(k) => f
-                .debug_tuple("Single")
-                .field(&list(&mut std::iter::once(k)))
-                .finish(),
-            KeySet::Jwks { keys, .. } => f
-                .debug_tuple("Jwks")
-                .field(&list(&mut keys.iter()))
-                .finish(),
-        }
+        f.debug_list()
+            .entries(self.keys().iter().map(|k| (k.kid.as_deref(), k.kind)))
+            .finish()
     }
 }
 
