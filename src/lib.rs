@@ -21,6 +21,7 @@
 // Tests may unwrap: a panic there is a failed test, not a crashed proxy.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod embedded_pg;
