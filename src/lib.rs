@@ -21,9 +21,18 @@
 // Tests may unwrap: a panic there is a failed test, not a crashed proxy.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admin;
 pub mod auth;
+pub mod cancel;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod embedded_pg;
+pub mod error;
+pub mod metrics;
 pub mod pool;
+pub mod protocol;
+pub mod server;
+pub mod session;
 pub mod tenant;
+pub mod tls;

@@ -7,8 +7,10 @@
 
 pub mod data;
 pub mod provision;
+mod run;
 
 pub use provision::{instructions, provision, DemoEnv};
+pub use run::run;
 
 #[cfg(test)]
 mod tests;
