@@ -17,7 +17,10 @@ fn select_response() -> Vec<u8> {
     let mut v = frame(b'1', b"");
     v.extend(frame(b'2', b""));
     v.extend(frame(b'T', &[0u8; 27]));
-    v.extend(frame(b'D', &[0, 1, 0, 0, 0, 5, b'1', b'2', b'3', b'4', b'5']));
+    v.extend(frame(
+        b'D',
+        &[0, 1, 0, 0, 0, 5, b'1', b'2', b'3', b'4', b'5'],
+    ));
     v.extend(frame(b'C', b"SELECT 1\0"));
     v.extend(frame(b'Z', b"I"));
     v
@@ -45,10 +48,34 @@ fn scan(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(big.len() as u64));
     g.bench_function("server_1000_data_rows", |b| {
         let mut s = FrameScanner::new(i32::MAX as u32);
-        b.iter(|| s.scan(black_box(&big), |t| t == tags::READY_FOR_QUERY, |_| {}).expect("valid"))
+        b.iter(|| {
+            s.scan(black_box(&big), |t| t == tags::READY_FOR_QUERY, |_| {})
+                .expect("valid")
+        })
     });
     g.finish();
 }
 
-criterion_group!(benches, scan);
+fn jwt(c: &mut Criterion) {
+    let secret = "0123456789abcdef0123456789abcdef0123456789abcdef";
+    let cfg: pgtenant::config::Config = pgtenant::config::Config::parse(&format!(
+        "[listen]\n[jwt]\nsecret = \"{secret}\"\n[upstreams.s]\nkind = \"shared\"\nurl = \"postgres://u:p@h/d\"\n"
+    ))
+    .expect("bench config");
+    let verifier = pgtenant::auth::JwtVerifier::from_config(&cfg.jwt).expect("verifier");
+    let token = pgtenant::auth::issue_hs256(
+        secret.as_bytes(),
+        "tenant_id",
+        "acme",
+        Some("alice@acme.com"),
+        3600,
+        &[],
+    )
+    .expect("token");
+    c.bench_function("jwt_verify_hs256", |b| {
+        b.iter(|| verifier.verify(black_box(&token)).expect("valid"))
+    });
+}
+
+criterion_group!(benches, scan, jwt);
 criterion_main!(benches);
