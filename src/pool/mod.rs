@@ -32,3 +32,6 @@ pub use manager::{ServerConnManager, UPSTREAM_CONNECT_ERRORS};
 pub use server_conn::{ServerConn, ServerError, APPLICATION_NAME, RESET_TIMEOUT};
 pub use target::UpstreamTarget;
 pub use tls::{ServerStream, ServerTls};
+
+#[cfg(test)]
+mod tests;

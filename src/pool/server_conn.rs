@@ -383,6 +383,7 @@ impl ServerConn {
             return Err(ServerError::Protocol("connection is marked broken".into()));
         }
         let mut scratch = [0u8; 1024];
+        let mut closed = false;
         loop {
             let mut rb = ReadBuf::new(&mut scratch);
             let stream = &mut self.stream;
@@ -394,11 +395,8 @@ impl ServerConn {
             match polled {
                 None => break,
                 Some(Ok(())) if rb.filled().is_empty() => {
-                    self.broken = true;
-                    return Err(ServerError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "server closed the idle connection",
-                    )));
+                    closed = true;
+                    break;
                 }
                 Some(Ok(())) => {
                     self.read_buf.extend_from_slice(rb.filled());
@@ -412,7 +410,16 @@ impl ServerConn {
                 }
             }
         }
-        self.consume_idle_messages()
+        // What the server said before closing (e.g. FATAL 57P01) explains it best.
+        self.consume_idle_messages()?;
+        if closed {
+            self.broken = true;
+            return Err(ServerError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the idle connection",
+            )));
+        }
+        Ok(())
     }
 
     /// Handles what a server may send between queries; anything else breaks the connection.
@@ -523,12 +530,39 @@ impl ServerConn {
 }
 
 impl Drop for ServerConn {
-    /// Best effort: say goodbye so the server logs a clean disconnect instead of an
-    /// unexpected EOF. Only for plaintext (a TLS record cannot be written synchronously).
+    /// Best effort, without blocking: say goodbye (Terminate, and close_notify over TLS) so
+    /// the server logs a clean disconnect instead of an unexpected EOF or reset.
     fn drop(&mut self) {
-        if let ServerStream::Plain(tcp) = &self.stream {
-            let _ = tcp.try_write(&wire::TERMINATE);
+        match &mut self.stream {
+            ServerStream::Plain(tcp) => {
+                let _ = tcp.try_write(&wire::TERMINATE);
+            }
+            ServerStream::Tls(tls) => {
+                let (tcp, session) = tls.get_mut();
+                if io::Write::write_all(&mut session.writer(), &wire::TERMINATE).is_ok() {
+                    session.send_close_notify();
+                    while session.wants_write() {
+                        match session.write_tls(&mut TryWriter(tcp)) {
+                            Ok(n) if n > 0 => {}
+                            _ => break,
+                        }
+                    }
+                }
+            }
         }
+    }
+}
+
+/// `io::Write` over a tokio socket that never blocks (WouldBlock instead).
+struct TryWriter<'a>(&'a TcpStream);
+
+impl io::Write for TryWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
