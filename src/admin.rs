@@ -72,9 +72,9 @@ fn respond(
 /// Pool gauges are read from bb8 at scrape time, so they are exact and cost nothing between scrapes.
 fn refresh_pool_gauges(shared: &Shared) {
     for s in shared.pools.stats() {
-        let up = s.upstream.to_string();
+        let up = s.name.to_string();
         metrics::gauge!(m::POOL_CONNECTIONS, "upstream" => up.clone()).set(s.connections as f64);
         metrics::gauge!(m::POOL_IDLE, "upstream" => up.clone()).set(s.idle as f64);
-        metrics::gauge!(m::POOL_WAITING, "upstream" => up).set(s.waiting as f64);
+        metrics::gauge!(m::POOL_WAITING, "upstream" => up).set(s.pending_waiters as f64);
     }
 }

@@ -28,8 +28,6 @@ pub enum ClientError {
     Route(#[from] RouteError),
     #[error("{0}")]
     Pool(#[from] PoolError),
-    #[error("could not prepare a server connection: {0}")]
-    ServerSetup(ServerError),
     #[error("too many client connections to pgtenant")]
     TooManyClients,
     #[error("pgtenant is shutting down")]
@@ -82,8 +80,11 @@ impl ClientError {
                 SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
             }
             ClientError::Pool(PoolError::UnknownUpstream(_)) => SqlState::INTERNAL_ERROR,
-            ClientError::ServerSetup(ServerError::Db { code, .. }) => SqlState::from_code(code),
-            ClientError::ServerSetup(_) => SqlState::CONNECTION_FAILURE,
+            ClientError::Pool(PoolError::Setup {
+                source: ServerError::Db { code, .. },
+                ..
+            }) => SqlState::from_code(code),
+            ClientError::Pool(PoolError::Setup { .. }) => SqlState::CONNECTION_FAILURE,
             ClientError::TooManyClients => SqlState::TOO_MANY_CONNECTIONS,
             ClientError::ShuttingDown => SqlState::ADMIN_SHUTDOWN,
             ClientError::ServerLost | ClientError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
@@ -94,11 +95,14 @@ impl ClientError {
     /// addresses) is summarized; nothing here may contain a token or password.
     pub fn to_wire(&self) -> WireError {
         let message = match self {
-            ClientError::ServerSetup(ServerError::Db { message, .. }) => {
-                format!("could not prepare a server connection: {message}")
+            ClientError::Pool(PoolError::Setup {
+                source: ServerError::Db { message, .. },
+                ..
+            }) => {
+                format!("could not apply the session's settings: {message}")
             }
-            ClientError::ServerSetup(_) => {
-                "server connection failed while preparing the session".to_string()
+            ClientError::Pool(PoolError::Setup { pool, .. }) => {
+                format!("server connection from pool \"{pool}\" failed while preparing the session")
             }
             other => other.to_string(),
         };
@@ -122,7 +126,7 @@ impl ClientError {
             ClientError::Pool(PoolError::Exhausted { .. }) => "pool_exhausted",
             ClientError::Pool(PoolError::Unreachable { .. }) => "upstream_unreachable",
             ClientError::Pool(PoolError::UnknownUpstream(_)) => "unknown_upstream",
-            ClientError::ServerSetup(_) => "server_setup",
+            ClientError::Pool(PoolError::Setup { .. }) => "server_setup",
             ClientError::TooManyClients => "too_many_clients",
             ClientError::ShuttingDown => "shutting_down",
             ClientError::ServerLost => "server_lost",
@@ -162,11 +166,15 @@ mod tests {
             ),
             (ClientError::ShuttingDown, "57P01"),
             (
-                ClientError::ServerSetup(ServerError::Db {
-                    code: "22023".into(),
-                    message: "bad TimeZone".into(),
-                    severity: "ERROR".into(),
-                }),
+                PoolError::Setup {
+                    pool: "shared".into(),
+                    source: ServerError::Db {
+                        code: "22023".into(),
+                        message: "bad TimeZone".into(),
+                        severity: "ERROR".into(),
+                    },
+                }
+                .into(),
                 "22023",
             ),
         ];

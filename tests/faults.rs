@@ -26,7 +26,7 @@ where
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_recover_after_postgres_restarts() {
     let _serial = CLUSTER.lock().await;
     let proxy = common::start_proxy(|c| c.upstreams.get_mut("shared").unwrap().pool_size = 2).await;
@@ -50,7 +50,7 @@ async fn sessions_recover_after_postgres_restarts() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_queries_fail_cleanly_when_postgres_restarts() {
     let _serial = CLUSTER.lock().await;
     let proxy = common::start_proxy(|_| {}).await;
@@ -84,7 +84,7 @@ async fn in_flight_queries_fail_cleanly_when_postgres_restarts() {
     assert!(rows.iter().all(|r| r.get::<_, String>(0) == "globex"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_upstream_fails_fast_and_heals() {
     let _serial = CLUSTER.lock().await;
     let proxy = common::start_proxy(|c| {

@@ -26,7 +26,7 @@ fn hs256(secret: &[u8], claims: serde_json::Value) -> String {
     .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_rejections_carry_the_right_sqlstate() {
     let proxy = common::start_proxy(|c| c.tenants.default = None).await;
     let secret = common::env().demo.jwt_secret.as_bytes().to_vec();
@@ -108,7 +108,7 @@ async fn jwt_rejections_carry_the_right_sqlstate() {
     client.simple_query("SELECT 1").await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedicated_tenants_reach_their_own_database() {
     let proxy = common::start_proxy(|_| {}).await;
     for tenant in ["acme", "techstart"] {
@@ -135,7 +135,7 @@ async fn dedicated_tenants_reach_their_own_database() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_tenants_see_only_their_rows() {
     let proxy = common::start_proxy(|_| {}).await;
     for t in data::SHARED {
@@ -163,7 +163,7 @@ async fn shared_tenants_see_only_their_rows() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_parameters_cannot_choose_the_tenant() {
     let proxy = common::start_proxy(|_| {}).await;
     let mut cfg = common::conn_config(proxy.addr, &common::token("medcorp", "mallory"));
@@ -216,7 +216,7 @@ async fn startup_parameters_cannot_choose_the_tenant() {
 
 /// Pool size 1: tenant B gets the very server connection tenant A used, and finds none of
 /// A's rows or session state (temp table, prepared statement, setting, open transaction).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reused_server_connection_carries_nothing_across_tenants() {
     let proxy = common::start_proxy(|c| {
         c.upstreams.get_mut("shared").unwrap().pool_size = 1;
@@ -251,8 +251,8 @@ async fn reused_server_connection_carries_nothing_across_tenants() {
     let row = b
         .query_one(
             "SELECT to_regclass('pg_temp.leak') IS NULL,
-                    (SELECT count(*) FROM pg_prepared_statements),
-                    (SELECT count(*) FROM pg_cursors),
+                    (SELECT count(*) FROM pg_prepared_statements WHERE name = 'leaked'),
+                    (SELECT count(*) FROM pg_cursors WHERE name = 'c'),
                     current_setting('work_mem'),
                     current_setting('app.current_tenant_id')",
             &[],
@@ -285,7 +285,7 @@ async fn reused_server_connection_carries_nothing_across_tenants() {
     assert_eq!(n, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_with_parameters_and_errors() {
     let proxy = common::start_proxy(|_| {}).await;
     let client = common::connect(proxy.addr, "initech").await;
@@ -326,7 +326,7 @@ async fn extended_protocol_with_parameters_and_errors() {
     assert_eq!(rows.len(), 200_000);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_in_and_out() {
     use futures_util::{SinkExt, StreamExt};
     let proxy = common::start_proxy(|_| {}).await;
@@ -355,16 +355,16 @@ async fn copy_in_and_out() {
         received += chunk.unwrap().len();
     }
     assert_eq!(received, sent);
-    // COPY errors pass through and leave the session usable.
-    let err = client
-        .copy_in::<_, bytes::Bytes>("COPY nosuchtable FROM STDIN")
-        .await
-        .unwrap_err();
-    assert_eq!(common::sqlstate(&err), "42P01");
+    // A COPY error (bad data) passes through and leaves the session usable.
+    let sink = client.copy_in("COPY copied FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
+    let err = sink.finish().await.unwrap_err();
+    assert_eq!(common::sqlstate(&err), "22P02");
     client.simple_query("SELECT 1").await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_only_the_running_query() {
     let proxy = common::start_proxy(|_| {}).await;
     let client = common::connect(proxy.addr, "acme").await;
@@ -395,7 +395,7 @@ async fn cancel_reaches_only_the_running_query() {
     bystander.simple_query("SELECT 1").await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_over_tls_and_tls_require() {
     let proxy = common::start_proxy(|_| {}).await;
     let token = common::token("medcorp", "dr.grey");
@@ -404,7 +404,8 @@ async fn psql_over_tls_and_tls_require() {
         &token,
         "sslmode=require",
         &["-c", "SELECT count(*) FROM customers"],
-    );
+    )
+    .await;
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert_eq!(
         common::stdout(&out),
@@ -412,18 +413,18 @@ async fn psql_over_tls_and_tls_require() {
     );
 
     let strict = common::start_proxy(|c| c.listen.tls = pgtenant::config::TlsMode::Require).await;
-    let out = common::psql(strict.addr, &token, "sslmode=disable", &["-c", "SELECT 1"]);
+    let out = common::psql(strict.addr, &token, "sslmode=disable", &["-c", "SELECT 1"]).await;
     assert!(!out.status.success());
     assert!(
         common::stderr(&out).contains("TLS is required"),
         "{}",
         common::stderr(&out)
     );
-    let out = common::psql(strict.addr, &token, "sslmode=require", &["-c", "SELECT 1"]);
+    let out = common::psql(strict.addr, &token, "sslmode=require", &["-c", "SELECT 1"]).await;
     assert!(out.status.success(), "{}", common::stderr(&out));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_exhaustion_is_53300_naming_the_pool() {
     let proxy = common::start_proxy(|c| {
         let shared = c.upstreams.get_mut("shared").unwrap();
@@ -456,7 +457,7 @@ async fn pool_exhaustion_is_53300_naming_the_pool() {
     assert!(ok, "pool did not recover after the holder left");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_startup_and_oversized_frames_get_08p01() {
     let proxy = common::start_proxy(|_| {}).await;
     // A startup packet with an impossible protocol version.
@@ -473,7 +474,10 @@ async fn malformed_startup_and_oversized_frames_get_08p01() {
         .await
         .unwrap();
     let answer = raw::read_error(&mut s).await;
-    assert!(answer.map_or(true, |(c, _)| c == "08P01"), "{answer:?}");
+    assert!(
+        answer.as_ref().is_none_or(|(c, _)| c == "08P01"),
+        "{answer:?}"
+    );
 
     // After authentication: an oversized frame.
     let mut s = raw::login(proxy.addr, &common::token("acme", "a")).await;
@@ -507,7 +511,7 @@ async fn malformed_startup_and_oversized_frames_get_08p01() {
     client.simple_query("SELECT 1").await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_3_2_is_negotiated_down() {
     let proxy = common::start_proxy(|_| {}).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -531,9 +535,14 @@ async fn protocol_3_2_is_negotiated_down() {
     assert_eq!(tag, b'R');
 }
 
-fn pgbench(addr: std::net::SocketAddr, token: &str, db: &str, protocol: &str) -> (bool, String) {
+async fn pgbench(
+    addr: std::net::SocketAddr,
+    token: &str,
+    db: &str,
+    protocol: &str,
+) -> (bool, String) {
     let pg = common::env().pg;
-    let out = std::process::Command::new(pg.pgbench_path())
+    let out = tokio::process::Command::new(pg.pgbench_path())
         .args(["-n", "-S", "-M", protocol, "-c", "4", "-j", "2", "-T", "2"])
         .args([
             "-h",
@@ -546,17 +555,18 @@ fn pgbench(addr: std::net::SocketAddr, token: &str, db: &str, protocol: &str) ->
         ])
         .env("PGPASSWORD", token)
         .output()
+        .await
         .unwrap();
     let text = format!("{}\n{}", common::stdout(&out), common::stderr(&out));
     (out.status.success(), text)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_in_every_protocol_mode_without_failures() {
     let proxy = common::start_proxy(|_| {}).await;
     let token = common::token("bench", "bench");
     for protocol in ["simple", "extended", "prepared"] {
-        let (ok, text) = pgbench(proxy.addr, &token, "bench_db", protocol);
+        let (ok, text) = pgbench(proxy.addr, &token, "bench_db", protocol).await;
         assert!(ok, "pgbench -M {protocol}: {text}");
         let processed: u64 = text
             .lines()
@@ -577,7 +587,7 @@ async fn pgbench_runs_in_every_protocol_mode_without_failures() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_endpoints() {
     let proxy = common::start_proxy(|_| {}).await;
     let admin = proxy.admin_addr.unwrap();

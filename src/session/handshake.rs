@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 
 use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
-use pgwire::messages::startup::SecretKey;
 use pgwire::messages::PgWireFrontendMessage;
 use pgwire::tokio::server::MaybeTls;
 use tokio::net::TcpStream;
@@ -90,9 +89,10 @@ pub async fn handshake(
     let startup = match first {
         Some(Ok(PgWireFrontendMessage::Startup(s))) => s,
         Some(Ok(PgWireFrontendMessage::CancelRequest(c))) => {
-            return Ok(match c.secret_key {
-                SecretKey::I32(secret) => Hello::Cancel(ClientKey { pid: c.pid, secret }),
-                SecretKey::Bytes(_) => Hello::Gone,
+            // The key arrives as 4 bytes or (protocol 3.2 clients) longer; ours are 4.
+            return Ok(match c.secret_key.as_i32() {
+                Some(secret) => Hello::Cancel(ClientKey { pid: c.pid, secret }),
+                None => Hello::Gone,
             });
         }
         Some(Ok(PgWireFrontendMessage::SslNegotiation(_))) if offered_tls || is_tls => {

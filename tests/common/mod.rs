@@ -2,6 +2,8 @@
 //! tenants, and proxies started in-process on free ports.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::process::Output;
 use std::sync::OnceLock;
@@ -134,9 +136,10 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
 }
 
 /// Runs psql through the proxy with `token` as password. `conninfo_extra` like "sslmode=require".
-pub fn psql(addr: SocketAddr, token: &str, conninfo_extra: &str, args: &[&str]) -> Output {
+/// Async: the proxy under test runs on the same runtime and must keep running meanwhile.
+pub async fn psql(addr: SocketAddr, token: &str, conninfo_extra: &str, args: &[&str]) -> Output {
     let pg = env().pg;
-    std::process::Command::new(pg.psql_path())
+    tokio::process::Command::new(pg.psql_path())
         .arg(format!(
             "host=127.0.0.1 port={} user=app dbname=app {conninfo_extra}",
             addr.port()
@@ -147,6 +150,7 @@ pub fn psql(addr: SocketAddr, token: &str, conninfo_extra: &str, args: &[&str]) 
         .env("PGCONNECT_TIMEOUT", "10")
         .env_remove("PGSSLMODE")
         .output()
+        .await
         .expect("run psql")
 }
 

@@ -34,7 +34,10 @@ pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
 /// One backend message: (tag, body).
 pub async fn read_message(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     let mut head = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head)).await.ok()?.ok()?;
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .ok()?
+        .ok()?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     let mut body = vec![0u8; len.saturating_sub(4)];
     s.read_exact(&mut body).await.ok()?;
@@ -68,7 +71,13 @@ pub async fn read_error(s: &mut TcpStream) -> Option<(String, String)> {
 /// Startup + password, up to the first ReadyForQuery. Returns the stream.
 pub async fn login(addr: SocketAddr, token: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(&startup_packet(3, 0, &[("user", "app"), ("database", "app")])).await.expect("startup");
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "app"), ("database", "app")],
+    ))
+    .await
+    .expect("startup");
     let (tag, _) = read_message(&mut s).await.expect("auth request");
     assert_eq!(tag, b'R');
     let mut pw = token.as_bytes().to_vec();
@@ -76,7 +85,12 @@ pub async fn login(addr: SocketAddr, token: &str) -> TcpStream {
     s.write_all(&frame(b'p', &pw)).await.expect("password");
     loop {
         let (tag, body) = read_message(&mut s).await.expect("until ready");
-        assert_ne!(tag, b'E', "login failed: {}", String::from_utf8_lossy(&body));
+        assert_ne!(
+            tag,
+            b'E',
+            "login failed: {}",
+            String::from_utf8_lossy(&body)
+        );
         if tag == b'Z' {
             return s;
         }
