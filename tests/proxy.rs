@@ -358,7 +358,9 @@ async fn copy_in_and_out() {
     // A COPY error (bad data) passes through and leaves the session usable.
     let sink = client.copy_in("COPY copied FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
+    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n"))
+        .await
+        .unwrap();
     let err = sink.finish().await.unwrap_err();
     assert_eq!(common::sqlstate(&err), "22P02");
     client.simple_query("SELECT 1").await.unwrap();

@@ -2,7 +2,7 @@
 //! GSSENCRequest refused) through pgwire, then StartupMessage or CancelRequest, protocol
 //! version negotiation, and the cleartext password request that carries the JWT.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
@@ -11,7 +11,7 @@ use pgwire::tokio::server::MaybeTls;
 use tokio::net::TcpStream;
 
 use crate::cancel::ClientKey;
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, ListenConfig, TlsMode};
 use crate::error::ClientError;
 use crate::protocol::frame::{read_frame, take_cstr, FrameError};
 use crate::protocol::{messages, tags};
@@ -167,13 +167,8 @@ pub async fn handshake(
     if startup.protocol_number_minor > 0 || !unknown_options.is_empty() {
         messages::negotiate_protocol_version(&mut out, 0, &unknown_options);
     }
-    if !conn.tls {
-        if config.listen.tls == TlsMode::Require {
-            return Err(Refused::on(conn, ClientError::TlsRequired));
-        }
-        if !peer.ip().is_loopback() && !config.listen.allow_cleartext_password_without_tls {
-            return Err(Refused::on(conn, ClientError::CleartextRefused));
-        }
+    if let Err(e) = check_transport(conn.tls, peer.ip(), &config.listen) {
+        return Err(Refused::on(conn, e));
     }
     messages::auth_cleartext_request(&mut out);
     if let Err(e) = conn.write_flush(&out).await {
@@ -192,6 +187,21 @@ pub async fn handshake(
         params,
         token,
     })
+}
+
+/// Whether the client may send its token over this transport: TLS, or plaintext only from
+/// loopback (development) unless the config explicitly allows it.
+fn check_transport(tls: bool, peer: IpAddr, listen: &ListenConfig) -> Result<(), ClientError> {
+    if tls {
+        return Ok(());
+    }
+    if listen.tls == TlsMode::Require {
+        return Err(ClientError::TlsRequired);
+    }
+    if !peer.is_loopback() && !listen.allow_cleartext_password_without_tls {
+        return Err(ClientError::CleartextRefused);
+    }
+    Ok(())
 }
 
 /// Reads the PasswordMessage ourselves: pgwire caps it at 10,000 bytes and real IdP tokens
@@ -215,4 +225,39 @@ async fn read_password(conn: &mut ClientConn, max: u32) -> Result<String, Client
         .to_string();
     body.advance(body.len());
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listen(tls: TlsMode, allow: bool) -> ListenConfig {
+        let mut cfg = crate::config::Config::parse(
+            "[listen]\n[jwt]\nsecret = \"0123456789abcdef0123456789abcdef\"\n[upstreams.s]\nkind = \"dedicated\"\nurl = \"postgres://u@h/d\"\n",
+        )
+        .unwrap()
+        .listen;
+        cfg.tls = tls;
+        cfg.allow_cleartext_password_without_tls = allow;
+        cfg
+    }
+
+    #[test]
+    fn cleartext_token_needs_tls_or_loopback() {
+        let remote: IpAddr = "10.1.2.3".parse().unwrap();
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let v6_local: IpAddr = "::1".parse().unwrap();
+        assert!(check_transport(true, remote, &listen(TlsMode::Allow, false)).is_ok());
+        assert!(check_transport(false, local, &listen(TlsMode::Allow, false)).is_ok());
+        assert!(check_transport(false, v6_local, &listen(TlsMode::Allow, false)).is_ok());
+        assert!(matches!(
+            check_transport(false, remote, &listen(TlsMode::Allow, false)),
+            Err(ClientError::CleartextRefused)
+        ));
+        assert!(check_transport(false, remote, &listen(TlsMode::Allow, true)).is_ok());
+        assert!(matches!(
+            check_transport(false, local, &listen(TlsMode::Require, true)),
+            Err(ClientError::TlsRequired)
+        ));
+    }
 }

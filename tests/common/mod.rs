@@ -46,6 +46,28 @@ pub fn env() -> &'static Env {
                     .await
                     .expect("grant");
             });
+            // pgbench tables in the shared database (no tenant column): pgbench through a
+            // shared upstream exercises pinning and the tenant setting on every session.
+            let init = std::process::Command::new(pg.pgbench_path())
+                .args(["-i", "-s", "1", "-q", "-h"])
+                .arg(&pg.socket_dir)
+                .args(["-p", &pg.port.to_string(), "-U", "postgres", "saas"])
+                .output()
+                .expect("pgbench -i");
+            assert!(
+                init.status.success(),
+                "{}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+            rt.block_on(async {
+                let saas = pg.admin_client("saas").await.expect("admin saas");
+                saas.batch_execute(
+                    "GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches,
+                       pgbench_tellers, pgbench_history TO pgtenant",
+                )
+                .await
+                .expect("grant pgbench tables");
+            });
             Env {
                 pg,
                 demo,
