@@ -146,7 +146,7 @@ for proto in $PROTOCOLS "connect (-C)"; do
     for target in direct pgbouncer-session pgbouncer-transaction pgtenant-session; do
         rows=${RESULTS["$target|$proto"]:-}
         [ -z "$rows" ] && continue
-        tps=$(tr ';' '\n' <<<"$rows" | awk 'NF{print $1}' | median)
+        tps=$(tr ';' '\n' <<<"$rows" | awk 'NF{print $1}' | median | awk '{printf "%.0f", $1}')
         lat=$(tr ';' '\n' <<<"$rows" | awk 'NF{print $2}' | median)
         failed=$(tr ';' '\n' <<<"$rows" | awk 'NF{s+=$3} END{print s+0}')
         cpu=$(tr ';' '\n' <<<"$rows" | awk 'NF && $4!="–"{print $4}' | median)
