@@ -254,6 +254,12 @@ pub struct LimitsConfig {
     /// Client connections at most. Default 10000.
     #[serde(default = "LimitsConfig::default_max_clients")]
     pub max_client_connections: usize,
+    /// On SIGTERM/SIGINT, wait this long for sessions to finish their transaction. Default 30s.
+    #[serde(
+        with = "humantime_serde",
+        default = "LimitsConfig::default_shutdown_timeout"
+    )]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -264,6 +270,7 @@ impl Default for LimitsConfig {
             max_password_bytes: Self::default_max_password(),
             max_pre_auth_connections: Self::default_max_pre_auth(),
             max_client_connections: Self::default_max_clients(),
+            shutdown_timeout: Self::default_shutdown_timeout(),
         }
     }
 }
@@ -283,6 +290,9 @@ impl LimitsConfig {
     }
     fn default_max_clients() -> usize {
         10_000
+    }
+    fn default_shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
     }
 }
 

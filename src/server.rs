@@ -55,10 +55,24 @@ impl ProxyHandle {
         let _ = self.shutdown_tx.send(true);
     }
 
-    /// Shuts down and waits for the accept loop to end.
+    /// Shuts down: stops accepting, then waits up to `limits.shutdown_timeout` for sessions
+    /// to reach an idle point outside a transaction (they get 57P01 there).
     pub async fn stop(self) {
         self.shutdown();
         let _ = self.accept_task.await;
+        let config = self.shared.config();
+        let all = u32::try_from(config.limits.max_client_connections).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(
+            config.limits.shutdown_timeout,
+            self.shared.clients.acquire_many(all),
+        )
+        .await;
+        if drained.is_err() {
+            warn!(
+                open = all as usize - self.shared.clients.available_permits(),
+                "shutdown deadline passed with sessions still open; closing them"
+            );
+        }
     }
 }
 

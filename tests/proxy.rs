@@ -636,3 +636,28 @@ async fn http_get(url: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_transactions_finish_then_sends_57p01() {
+    let proxy = common::start_proxy(|c| c.limits.shutdown_timeout = Duration::from_secs(10)).await;
+    let addr = proxy.addr;
+    let in_tx = common::connect(addr, "medcorp").await;
+    let idle = common::connect(addr, "globex").await;
+    in_tx.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let stopping = tokio::spawn(proxy.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New sessions are refused; the idle session is ended with 57P01.
+    assert!(common::try_connect(addr, &common::token("acme", "a"))
+        .await
+        .is_err());
+    let err = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.code().is_none_or(|c| c.code() == "57P01"), "{err:?}");
+    // The open transaction finishes normally, then that session ends too.
+    in_tx.simple_query("SELECT 2").await.unwrap();
+    in_tx.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("drained")
+        .unwrap();
+    assert!(in_tx.simple_query("SELECT 3").await.is_err());
+}

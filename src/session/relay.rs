@@ -33,7 +33,7 @@ pub enum RelayEnd {
     /// The server closed the connection or failed; the client already got whatever the server
     /// said (e.g. a FATAL ErrorResponse) and the connection must be destroyed.
     ServerClosed,
-    /// pgtenant is shutting down and the session reached an idle point.
+    /// pgtenant is shutting down and the session reached an idle point outside a transaction.
     Shutdown,
 }
 
@@ -98,7 +98,9 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
         // Pipelined bytes that arrived with the password are forwarded first.
         let mut pending_client_bytes = !client_buf.is_empty();
         loop {
-            if draining && self.cycle.idle() {
+            // Drain: end the session between requests and outside a transaction, so a
+            // transaction in progress gets to finish (up to the shutdown deadline).
+            if draining && self.cycle.idle() && *server_side.tx_status == b'I' {
                 return RelayEnd::Shutdown;
             }
             if !pending_client_bytes {
