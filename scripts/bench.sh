@@ -6,6 +6,7 @@
 #
 #   scripts/bench.sh                 # defaults: 15 s runs, 8 clients, 2 repetitions
 #   DURATION=20 CLIENTS=8 REPS=2 SCALE=10 scripts/bench.sh
+#   WORKERS=1 scripts/bench.sh       # pgtenant with one tokio worker thread
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,6 +81,8 @@ url = "postgres://bench_app:$PASSWORD@127.0.0.1:$PGPORT/bench_db"
 pool_size = 20
 [tenants]
 bench = "bench"
+[runtime]
+${WORKERS:+worker_threads = $WORKERS}
 TOML
 PGTENANT_LOG=warn "$PGTENANT" serve --config "$WORK/pgtenant.toml" 2>"$WORK/pgtenant.log" &
 PROXY_PID=$!

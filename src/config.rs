@@ -37,6 +37,16 @@ pub struct Config {
     pub tenants: TenantsConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads. Default: one per core. On a host shared with PostgreSQL, fewer
+    /// workers than cores can cost less CPU per statement. Not reloadable.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
