@@ -218,6 +218,7 @@ async fn greet_and_relay(
         cycle: Default::default(),
         stats: Default::default(),
         on_queries,
+        filter: None,
     };
     let end = relay.run(shared.shutdown.clone()).await;
     Ok(RelayOutcome {

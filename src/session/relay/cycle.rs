@@ -1,0 +1,272 @@
+//! Request/response bookkeeping for one session, and the per-frame decisions on the client's
+//! messages. Pure (no I/O), so it is unit-tested directly.
+//!
+//! Every client message that the server answers with ReadyForQuery (Query, Sync,
+//! FunctionCall) adds an `Expect` to a FIFO; every ReadyForQuery from the server removes one.
+//! A statement the filter refuses is never forwarded: pgtenant answers it itself, in order,
+//! right after everything the client sent before it has been answered.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::frame::{take_cstr, FrameError, FrameScanner, ScanEvent};
+use crate::protocol::messages::{self, Severity};
+use crate::protocol::tags;
+
+/// Decides whether a client statement may reach the server.
+pub trait ClientFilter: Send + Sync {
+    /// SQL text of a simple Query or a Parse. `Some` refuses it.
+    fn check_sql(&self, sql: &str) -> Option<Refusal>;
+    /// A FunctionCall ('F') message. `Some` refuses it.
+    fn check_function_call(&self) -> Option<Refusal>;
+}
+
+/// pgtenant's answer to a refused message: an ERROR (the session goes on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn error_response(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(64 + self.message.len());
+        messages::error_response(&mut buf, Severity::Error, self.code, &self.message);
+        buf.freeze()
+    }
+}
+
+/// What the answer to one request cycle will be.
+#[derive(Debug)]
+enum Expect {
+    /// The server answers, ending with ReadyForQuery.
+    Server,
+    /// The server answers; pgtenant's ErrorResponse goes right before its ReadyForQuery
+    /// (a refused Parse inside a batch whose earlier messages were forwarded).
+    ServerWithError(Bytes),
+    /// pgtenant answers alone (ErrorResponse + ReadyForQuery) once it is first in line.
+    Local(Bytes),
+}
+
+/// A refused Parse: skip the client's messages until Sync, as PostgreSQL does after an error.
+#[derive(Debug)]
+struct Discard {
+    error: Bytes,
+    /// Messages of this batch were already forwarded, so the server must see the Sync.
+    forward_sync: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Cycle {
+    expects: VecDeque<Expect>,
+    /// Extended-protocol messages forwarded since the last Sync.
+    unsynced: bool,
+    discarding: Option<Discard>,
+}
+
+/// What to do with a batch of client bytes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ClientPlan {
+    /// Bytes `0..consumed` of the buffer are handled by this plan.
+    pub consumed: usize,
+    /// Ranges inside `0..consumed` that must not reach the server.
+    pub dropped: Vec<Range<usize>>,
+    /// The client sent Terminate (at `consumed`): end the session after forwarding.
+    pub terminate: bool,
+    /// Request cycles started (Query, Sync, FunctionCall), for metrics.
+    pub queries: u64,
+}
+
+impl ClientPlan {
+    /// The byte ranges to forward, in order.
+    pub fn forwarded(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        let mut start = 0;
+        let mut drops = self.dropped.iter();
+        let mut done = false;
+        std::iter::from_fn(move || loop {
+            if done {
+                return None;
+            }
+            match drops.next() {
+                Some(d) => {
+                    let seg = start..d.start;
+                    start = d.end;
+                    if !seg.is_empty() {
+                        return Some(seg);
+                    }
+                }
+                None => {
+                    done = true;
+                    let seg = start..self.consumed;
+                    return (!seg.is_empty()).then_some(seg);
+                }
+            }
+        })
+    }
+}
+
+impl Cycle {
+    /// Nothing in flight and nothing half-sent: the server connection is between requests.
+    pub fn idle(&self) -> bool {
+        self.expects.is_empty() && !self.unsynced && self.discarding.is_none()
+    }
+
+    /// Walks the client's frames in `buf` and decides, per frame, forward or refuse.
+    pub fn plan_client(
+        &mut self,
+        scan: &mut FrameScanner,
+        buf: &[u8],
+        filter: Option<&dyn ClientFilter>,
+    ) -> Result<ClientPlan, FrameError> {
+        let mut plan = ClientPlan::default();
+        let discarding = std::cell::Cell::new(self.discarding.is_some());
+        let inspect = filter.is_some();
+        let mut stop_at = None;
+        let scanned = scan.scan(
+            buf,
+            |tag| {
+                discarding.get()
+                    || tag == tags::TERMINATE
+                    || (inspect && matches!(tag, tags::QUERY | tags::PARSE | tags::FUNCTION_CALL))
+            },
+            |event| {
+                if stop_at.is_some() {
+                    return;
+                }
+                match event {
+                    ScanEvent::Whole {
+                        tag: tags::TERMINATE,
+                        at,
+                        ..
+                    } => stop_at = Some(at),
+                    ScanEvent::Whole { tag, at, body } => {
+                        let frame = at..at + 5 + body.len();
+                        self.on_whole(tag, frame, body, filter, &mut plan);
+                        discarding.set(self.discarding.is_some());
+                    }
+                    ScanEvent::Header { tag, .. } => self.on_streamed(tag, &mut plan),
+                }
+            },
+        )?;
+        match stop_at {
+            Some(at) => {
+                plan.consumed = at;
+                plan.terminate = true;
+            }
+            None => plan.consumed = scanned,
+        }
+        Ok(plan)
+    }
+
+    /// A frame whose body streams through (not inspected).
+    fn on_streamed(&mut self, tag: u8, plan: &mut ClientPlan) {
+        match tag {
+            tags::QUERY | tags::FUNCTION_CALL => {
+                self.expects.push_back(Expect::Server);
+                plan.queries += 1;
+            }
+            tags::SYNC => {
+                self.expects.push_back(Expect::Server);
+                self.unsynced = false;
+                plan.queries += 1;
+            }
+            tags::PARSE
+            | tags::BIND
+            | tags::EXECUTE
+            | tags::DESCRIBE
+            | tags::CLOSE
+            | tags::FLUSH => self.unsynced = true,
+            _ => {}
+        }
+    }
+
+    /// A frame seen whole: inspected, or skipped while discarding until Sync.
+    fn on_whole(
+        &mut self,
+        tag: u8,
+        frame: Range<usize>,
+        body: &[u8],
+        filter: Option<&dyn ClientFilter>,
+        plan: &mut ClientPlan,
+    ) {
+        if let Some(discard) = self.discarding.take() {
+            if tag != tags::SYNC {
+                self.discarding = Some(discard);
+                plan.dropped.push(frame);
+                return;
+            }
+            plan.queries += 1;
+            self.unsynced = false;
+            if discard.forward_sync {
+                self.expects
+                    .push_back(Expect::ServerWithError(discard.error));
+            } else {
+                plan.dropped.push(frame);
+                self.expects.push_back(Expect::Local(discard.error));
+            }
+            return;
+        }
+        let refusal = match (tag, filter) {
+            (tags::QUERY, Some(f)) => sql_of(body, false).and_then(|sql| f.check_sql(sql)),
+            (tags::PARSE, Some(f)) => sql_of(body, true).and_then(|sql| f.check_sql(sql)),
+            (tags::FUNCTION_CALL, Some(f)) => f.check_function_call(),
+            _ => None,
+        };
+        match (tag, refusal) {
+            (tags::PARSE, Some(refusal)) => {
+                plan.dropped.push(frame);
+                self.discarding = Some(Discard {
+                    error: refusal.error_response(),
+                    forward_sync: self.unsynced,
+                });
+            }
+            (tags::QUERY | tags::FUNCTION_CALL, Some(refusal)) => {
+                plan.dropped.push(frame);
+                plan.queries += 1;
+                self.expects
+                    .push_back(Expect::Local(refusal.error_response()));
+            }
+            _ => self.on_streamed(tag, plan),
+        }
+    }
+
+    /// The server sent ReadyForQuery. Returns an error to insert before it, if one is due.
+    pub fn on_server_ready(&mut self) -> Option<Bytes> {
+        match self.expects.pop_front() {
+            Some(Expect::ServerWithError(error)) => Some(error),
+            // A Local entry cannot be first here (they are emitted as soon as they are);
+            // keep it rather than lose an answer.
+            Some(local @ Expect::Local(_)) => {
+                self.expects.push_front(local);
+                None
+            }
+            Some(Expect::Server) | None => None,
+        }
+    }
+
+    /// Appends pgtenant's own answers that are now first in line (ErrorResponse +
+    /// ReadyForQuery with the session's current transaction status) to `out`.
+    pub fn take_due_locals(&mut self, tx_status: u8, out: &mut BytesMut) {
+        while let Some(Expect::Local(_)) = self.expects.front() {
+            if let Some(Expect::Local(error)) = self.expects.pop_front() {
+                out.extend_from_slice(&error);
+                messages::ready_for_query(out, tx_status);
+            }
+        }
+    }
+}
+
+/// The SQL text of a Query body, or of a Parse body (after the statement name).
+fn sql_of(body: &[u8], parse: bool) -> Option<&str> {
+    let mut rest = body;
+    if parse {
+        take_cstr(&mut rest)?;
+    }
+    // Text that is not UTF-8 is left to the server, which rejects it for a UTF-8 database.
+    std::str::from_utf8(take_cstr(&mut rest)?).ok()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,193 @@
+//! The message-level relay between a client and its pinned server connection.
+//!
+//! Bytes are forwarded as they arrive; only frame headers are scanned, plus the few frames
+//! whose content pgtenant acts on: ReadyForQuery (transaction state, request boundaries),
+//! ParameterStatus (so the pool knows the server's reported settings), the client's
+//! Terminate (never forwarded: it would kill a pooled connection, design/protocol.md trap 2),
+//! and, when a `ClientFilter` is set, the client's Query/Parse/FunctionCall.
+//! One task serves both directions; while a write to the server is pending the server side
+//! keeps draining, so a client that pipelines heavily cannot deadlock the pair.
+
+mod cycle;
+mod server_side;
+
+pub use cycle::{ClientFilter, ClientPlan, Cycle, Refusal};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::error::ClientError;
+use crate::pool::ServerConn;
+use crate::protocol::frame::FrameScanner;
+
+use server_side::ServerSide;
+
+/// Read buffers grow in steps of this many bytes and are reused for the whole session.
+const READ_CHUNK: usize = 16 * 1024;
+/// Frames from the server are trusted up to PostgreSQL's own limit.
+const MAX_SERVER_FRAME: u32 = i32::MAX as u32;
+
+/// Why a relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// The client sent Terminate.
+    Terminated,
+    /// The client closed its connection (or it broke) without Terminate.
+    ClientClosed,
+    /// The client broke the protocol; the error has to be sent to it.
+    ClientViolation(ClientError),
+    /// The server closed the connection or failed; the client already got whatever the server
+    /// said (e.g. a FATAL ErrorResponse) and the connection must be destroyed.
+    ServerClosed,
+    /// pgtenant is shutting down and the session reached an idle point outside a transaction.
+    Shutdown,
+}
+
+/// Counters a session reports when it ends.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayStats {
+    /// Simple Query, Sync and FunctionCall messages: one per request/response cycle.
+    pub queries: u64,
+    pub client_bytes: u64,
+    pub server_bytes: u64,
+}
+
+pub struct Relay<'a, C> {
+    pub client: &'a mut C,
+    pub client_buf: &'a mut BytesMut,
+    pub server: &'a mut ServerConn,
+    pub max_client_frame: u32,
+    pub cycle: Cycle,
+    pub stats: RelayStats,
+    /// Called once per batch with the number of queries seen (a metric handle, usually).
+    pub on_queries: &'a (dyn Fn(u64) + Send + Sync),
+    /// Inspects client statements (shared upstreams); `None` forwards everything.
+    pub filter: Option<&'a dyn ClientFilter>,
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
+    pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> RelayEnd {
+        let ServerConn {
+            stream,
+            read_buf: server_buf,
+            params,
+            tx_status,
+            ..
+        } = &mut *self.server;
+        let (mut server_r, mut server_w) = tokio::io::split(stream);
+        let (mut client_r, mut client_w) = tokio::io::split(&mut *self.client);
+        let client_buf = &mut *self.client_buf;
+        let mut client_scan = FrameScanner::new(self.max_client_frame);
+        let mut server_scan = FrameScanner::new(MAX_SERVER_FRAME);
+        let mut server_side = ServerSide {
+            buf: server_buf,
+            params,
+            tx_status,
+            scan: &mut server_scan,
+            out: BytesMut::new(),
+        };
+        let mut local = BytesMut::new();
+        let mut draining = *shutdown.borrow();
+
+        // Pipelined bytes that arrived with the password are forwarded first.
+        let mut pending_client_bytes = !client_buf.is_empty();
+        loop {
+            // Drain: end the session between requests and outside a transaction, so a
+            // transaction in progress gets to finish (up to the shutdown deadline).
+            if draining && self.cycle.idle() && *server_side.tx_status == b'I' {
+                return RelayEnd::Shutdown;
+            }
+            if !pending_client_bytes {
+                reserve(client_buf);
+                reserve(server_side.buf);
+                tokio::select! {
+                    biased;
+                    changed = shutdown.changed(), if !draining => {
+                        draining = changed.is_err() || *shutdown.borrow();
+                        continue;
+                    }
+                    read = server_r.read_buf(server_side.buf) => {
+                        match read {
+                            Ok(0) | Err(_) => return RelayEnd::ServerClosed,
+                            Ok(_) => {}
+                        }
+                        if let Err(end) = server_side
+                            .forward(&mut client_w, &mut self.cycle, &mut self.stats)
+                            .await
+                        {
+                            return end;
+                        }
+                        continue;
+                    }
+                    read = client_r.read_buf(client_buf) => {
+                        match read {
+                            Ok(0) | Err(_) => return RelayEnd::ClientClosed,
+                            Ok(_) => {}
+                        }
+                    }
+                }
+            }
+            pending_client_bytes = false;
+
+            let plan = match self
+                .cycle
+                .plan_client(&mut client_scan, client_buf, self.filter)
+            {
+                Ok(plan) => plan,
+                Err(e) => return RelayEnd::ClientViolation(e.into()),
+            };
+            if plan.queries > 0 {
+                self.stats.queries += plan.queries;
+                (self.on_queries)(plan.queries);
+            }
+            // Write to the server while still draining what it sends back.
+            for range in plan.forwarded() {
+                self.stats.client_bytes += range.len() as u64;
+                let mut off = range.start;
+                while off < range.end {
+                    tokio::select! {
+                        written = server_w.write(&client_buf[off..range.end]) => match written {
+                            Ok(0) | Err(_) => return RelayEnd::ServerClosed,
+                            Ok(n) => off += n,
+                        },
+                        read = server_r.read_buf(server_side.buf) => {
+                            match read {
+                                Ok(0) | Err(_) => return RelayEnd::ServerClosed,
+                                Ok(_) => {}
+                            }
+                            if let Err(end) = server_side
+                                .forward(&mut client_w, &mut self.cycle, &mut self.stats)
+                                .await
+                            {
+                                return end;
+                            }
+                        }
+                    }
+                }
+            }
+            if server_w.flush().await.is_err() {
+                return RelayEnd::ServerClosed;
+            }
+            client_buf.advance(plan.consumed);
+            // pgtenant's own answers that nothing else is waiting before.
+            self.cycle
+                .take_due_locals(*server_side.tx_status, &mut local);
+            if !local.is_empty() {
+                if client_w.write_all(&local).await.is_err() || client_w.flush().await.is_err() {
+                    return RelayEnd::ClientClosed;
+                }
+                local.clear();
+            }
+            if plan.terminate {
+                return RelayEnd::Terminated;
+            }
+        }
+    }
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}

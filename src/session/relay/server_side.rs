@@ -1,0 +1,96 @@
+//! Server → client direction: scan what the server sent, keep the connection's state
+//! (transaction status, reported parameters) current, and forward it, with pgtenant's own
+//! answers spliced in at request boundaries.
+
+use std::collections::BTreeMap;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::frame::{take_cstr, FrameScanner, ScanEvent};
+use crate::protocol::tags;
+
+use super::{Cycle, RelayEnd, RelayStats};
+
+pub(super) struct ServerSide<'s> {
+    pub buf: &'s mut BytesMut,
+    pub params: &'s mut BTreeMap<String, String>,
+    pub tx_status: &'s mut u8,
+    pub scan: &'s mut FrameScanner,
+    /// Reused when pgtenant's answers have to be spliced into the server's bytes.
+    pub out: BytesMut,
+}
+
+impl ServerSide<'_> {
+    /// Scans the server's bytes, updates state, and forwards every complete byte.
+    pub async fn forward<W: AsyncWrite + Unpin>(
+        &mut self,
+        client_w: &mut W,
+        cycle: &mut Cycle,
+        stats: &mut RelayStats,
+    ) -> Result<(), RelayEnd> {
+        let params = &mut *self.params;
+        let tx_status = &mut *self.tx_status;
+        // (offset, bytes) to insert; rare: only around refused statements.
+        let mut splices: Vec<(usize, Bytes)> = Vec::new();
+        let n = self
+            .scan
+            .scan(
+                self.buf,
+                |tag| tag == tags::READY_FOR_QUERY || tag == tags::PARAMETER_STATUS,
+                |event| {
+                    let ScanEvent::Whole { tag, at, body } = event else {
+                        return;
+                    };
+                    if tag != tags::READY_FOR_QUERY {
+                        record_parameter(params, body);
+                        return;
+                    }
+                    if let Some(status) = body.first() {
+                        *tx_status = *status;
+                    }
+                    if let Some(error) = cycle.on_server_ready() {
+                        splices.push((at, error));
+                    }
+                    let mut due = BytesMut::new();
+                    cycle.take_due_locals(*tx_status, &mut due);
+                    if !due.is_empty() {
+                        splices.push((at + 6, due.freeze()));
+                    }
+                },
+            )
+            .map_err(|_| RelayEnd::ServerClosed)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stats.server_bytes += n as u64;
+        let wrote = if splices.is_empty() {
+            client_w.write_all(&self.buf[..n]).await
+        } else {
+            self.out.clear();
+            let mut from = 0;
+            for (at, bytes) in &splices {
+                self.out.extend_from_slice(&self.buf[from..*at]);
+                self.out.extend_from_slice(bytes);
+                from = *at;
+            }
+            self.out.extend_from_slice(&self.buf[from..n]);
+            client_w.write_all(&self.out).await
+        };
+        if wrote.is_err() || client_w.flush().await.is_err() {
+            return Err(RelayEnd::ClientClosed);
+        }
+        self.buf.advance(n);
+        Ok(())
+    }
+}
+
+fn record_parameter(params: &mut BTreeMap<String, String>, mut body: &[u8]) {
+    let (Some(name), Some(value)) = (take_cstr(&mut body), take_cstr(&mut body)) else {
+        return;
+    };
+    params.insert(
+        String::from_utf8_lossy(name).into_owned(),
+        String::from_utf8_lossy(value).into_owned(),
+    );
+}
