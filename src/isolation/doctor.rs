@@ -133,6 +133,9 @@ pub enum DoctorError {
     },
     #[error("upstream {upstream}: timed out connecting")]
     ConnectTimeout { upstream: String },
+    /// The catalogs do not answer as PostgreSQL's do (hidden by a hardening script?).
+    #[error("upstream {upstream}: {reason}")]
+    Catalog { upstream: String, reason: String },
     #[error("upstream {upstream}: query for {step} failed: {source}")]
     Query {
         upstream: String,

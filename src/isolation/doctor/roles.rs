@@ -33,9 +33,10 @@ pub(super) async fn load_pool_role(upstream: &str, pool: &Client) -> Result<Pool
     .await?;
     let Some(r) = rows.first() else {
         // pg_roles always lists session_user; an empty answer means hidden catalogs.
-        return Err(DoctorError::Options(format!(
-            "upstream {upstream}: the pool role cannot see itself in pg_roles"
-        )));
+        return Err(DoctorError::Catalog {
+            upstream: upstream.to_owned(),
+            reason: "the pool role cannot see itself in pg_roles".to_owned(),
+        });
     };
     Ok(PoolRole {
         oid: r.get(0),

@@ -108,7 +108,8 @@ pub(super) async fn check(ctx: &mut Ctx<'_>) -> Result<Inventory, DoctorError> {
     let policies = load_policies(ctx, &oids).await?;
     let tenant_ctx = TenantContext::load(ctx).await?;
     let constraints = load_check_constraints(ctx, &oids).await?;
-    let mut suspect = BTreeSet::new();
+    // Tables without a static fatal finding: the probe looks for what the text checks missed.
+    let mut clean = BTreeSet::new();
     for t in &usable {
         let own: Vec<&Policy> = policies.iter().filter(|p| p.table == t.oid).collect();
         let fatal_before = fatal_count(ctx);
@@ -116,12 +117,12 @@ pub(super) async fn check(ctx: &mut Ctx<'_>) -> Result<Inventory, DoctorError> {
         table_policies(ctx, t, &own, &tenant_ctx);
         tenant_column(ctx, t, &constraints);
         if fatal_count(ctx) == fatal_before {
-            suspect.insert(t.oid);
+            clean.insert(t.oid);
         }
     }
     let probed: Vec<&TenantTable> = usable
         .iter()
-        .filter(|t| suspect.contains(&t.oid) && t.select)
+        .filter(|t| clean.contains(&t.oid) && t.select)
         .collect();
     if !ctx.role.superuser && !ctx.role.bypassrls {
         probe::run(ctx, &probed).await?;
@@ -309,44 +310,7 @@ fn table_policies(ctx: &mut Ctx<'_>, t: &TenantTable, own: &[&Policy], tc: &Tena
     }
     let mut covered = BTreeSet::new();
     for p in own.iter().filter(|p| p.permissive && p.applies) {
-        let exprs = [("USING", &p.using), ("WITH CHECK", &p.with_check)];
-        let mut scoped = true;
-        for (clause, expr) in exprs {
-            let Some(expr) = expr else { continue };
-            if is_tenant_scoped(expr, &t.column, tc) {
-                if expr.contains(" OR ") {
-                    ctx.report(
-                        &POLICY_EXPRESSION_OR,
-                        Some(format!("{}.{}", t.name, p.ident)),
-                        format!(
-                            "policy {} on {} has {clause} ({expr}): an OR branch that does not \
-                             compare {} with the tenant admits other tenants' rows",
-                            p.name, t.name, t.column
-                        ),
-                        None,
-                    );
-                }
-                continue;
-            }
-            scoped = false;
-            ctx.report(
-                &POLICY_NOT_TENANT_SCOPED,
-                Some(format!("{}.{}", t.name, p.ident)),
-                format!(
-                    "permissive policy {} on {} applies to {} with {clause} ({expr}), which does \
-                     not compare {} with {}{}; permissive policies are OR-ed, so it admits every \
-                     tenant's rows",
-                    p.name,
-                    t.name,
-                    ctx.role.name,
-                    t.column,
-                    tc.describe(),
-                    tc.plain_setting_note(expr),
-                ),
-                Some(tc.alter_policy_sql(&p.ident, &t.name, &t.column, p.command)),
-            );
-        }
-        if scoped {
+        if check_policy(ctx, t, p, tc) {
             covered.extend(p.command.expand());
         }
     }
@@ -384,6 +348,52 @@ fn table_policies(ctx: &mut Ctx<'_>, t: &TenantTable, own: &[&Policy], tc: &Tena
             None,
         );
     }
+}
+
+/// Reports a permissive policy (that applies to the pool role) whose USING or WITH CHECK does
+/// not compare the tenant column with the context, and scoped clauses with an OR. Returns
+/// whether the policy is scoped.
+fn check_policy(ctx: &mut Ctx<'_>, t: &TenantTable, p: &Policy, tc: &TenantContext) -> bool {
+    let object = format!("{}.{}", t.name, p.ident);
+    let clauses = [("USING", &p.using), ("WITH CHECK", &p.with_check)];
+    let mut unscoped = Vec::new();
+    for (clause, expr) in clauses {
+        let Some(expr) = expr else { continue };
+        if !is_tenant_scoped(expr, &t.column, tc) {
+            unscoped.push(format!("{clause} ({expr}){}", tc.plain_setting_note(expr)));
+        } else if expr.contains(" OR ") {
+            ctx.report(
+                &POLICY_EXPRESSION_OR,
+                Some(object.clone()),
+                format!(
+                    "policy {} on {} has {clause} ({expr}): an OR branch that does not compare {} \
+                     with the tenant admits rows to every tenant",
+                    p.name, t.name, t.column
+                ),
+                None,
+            );
+        }
+    }
+    if unscoped.is_empty() {
+        return true;
+    }
+    ctx.report(
+        &POLICY_NOT_TENANT_SCOPED,
+        Some(object),
+        format!(
+            "permissive policy {} ({}) on {} applies to {} with {}, which does not compare {} \
+             with {}; permissive policies are OR-ed, so it admits every tenant's rows",
+            p.name,
+            p.command.sql(),
+            t.name,
+            ctx.role.name,
+            unscoped.join(" and "),
+            t.column,
+            tc.describe(),
+        ),
+        Some(tc.alter_policy_sql(&p.ident, &t.name, &t.column, p.command)),
+    );
+    false
 }
 
 fn tenant_column(ctx: &mut Ctx<'_>, t: &TenantTable, constraints: &[(u32, Vec<i16>, String)]) {
