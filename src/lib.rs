@@ -14,6 +14,7 @@
 //! - `server`: listener, accept loop, shutdown
 //! - `metrics`, `admin`: metric names and the HTTP endpoint
 //! - `error`: every error mapped to SQLSTATE at the edge
+//! - `isolation`: `doctor`, the database-side isolation checks of shared upstreams
 //! - `embedded_pg`: a throwaway PostgreSQL cluster (`TempPg`) for the demo and tests
 //! - `demo`: demo data provisioning and config for `pgtenant demo`
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod embedded_pg;
 pub mod error;
+pub mod isolation;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
