@@ -44,6 +44,31 @@ pub enum Command {
     },
     /// Start a throwaway PostgreSQL with demo tenants and the proxy in front of it.
     Demo(DemoArgs),
+    /// Inspect every shared upstream for isolation misconfigurations; exit 1 on fatal findings.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    #[arg(
+        long,
+        short,
+        env = "PGTENANT_CONFIG",
+        default_value = "config/pgtenant.toml"
+    )]
+    pub config: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Column that holds the tenant id in tenant tables.
+    #[arg(long, default_value = "tenant_id")]
+    pub tenant_column: String,
+    /// Schema of the signed tenant context, when `context = "signed"`.
+    #[arg(long)]
+    pub signed_schema: Option<String>,
+    /// An admin connection (URL or key=value) for checks the pool role cannot see.
+    #[arg(long, env = "PGTENANT_DOCTOR_ADMIN_URL")]
+    pub admin_url: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,4 +165,22 @@ pub fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
             .unwrap_or("none (unknown tenants refused)")
     );
     Ok(())
+}
+
+/// `pgtenant doctor`: returns whether any finding is fatal.
+pub async fn doctor(args: DoctorArgs) -> anyhow::Result<bool> {
+    use crate::isolation::doctor;
+    let config = Config::load(&args.config)?;
+    let opts = doctor::DoctorOptions {
+        tenant_column: args.tenant_column,
+        signed_schema: args.signed_schema,
+        admin_url: args.admin_url,
+    };
+    let findings = doctor::check_config(&config, &opts).await?;
+    if args.json {
+        println!("{}", doctor::render_json(&findings));
+    } else {
+        print!("{}", doctor::render_text(&findings));
+    }
+    Ok(doctor::has_fatal(&findings))
 }

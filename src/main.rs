@@ -17,15 +17,23 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => pgtenant::cli::check_config(&config),
         Command::Serve { config } => {
             let config = Config::load(&config)?;
-            runtime()?.block_on(pgtenant::server::run(config))
+            runtime(config.runtime.worker_threads)?.block_on(pgtenant::server::run(config))
         }
-        Command::Demo(args) => runtime()?.block_on(pgtenant::demo::run(args)),
+        Command::Demo(args) => runtime(None)?.block_on(pgtenant::demo::run(args)),
+        Command::Doctor(args) => {
+            if runtime(None)?.block_on(pgtenant::cli::doctor(args))? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 
-/// One worker per core: on small machines extra threads only add context switches.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+/// One worker per core unless configured: more threads than cores only add context switches.
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.max(1));
+    }
+    builder.enable_all().build()
 }

@@ -90,3 +90,31 @@ fn check_config_accepts_the_demo_config_and_names_what_is_wrong() {
     // The secret never shows up in the error.
     assert!(!err.contains(&env.demo.jwt_secret));
 }
+
+#[test]
+fn doctor_passes_the_demo_and_reports_json() {
+    let env = common::env();
+    let out = pgtenant()
+        .arg("doctor")
+        .arg("--config")
+        .arg(&env.demo.config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "doctor failed on the demo:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("shared"), "{text}");
+    let out = pgtenant()
+        .arg("doctor")
+        .arg("--json")
+        .arg("--config")
+        .arg(&env.demo.config_path)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(json["summary"]["fatal"], 0, "{json}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&env.demo.jwt_secret));
+}
