@@ -48,6 +48,19 @@
 //!   pin (fails closed). Revoking `pg_export_snapshot()` from PUBLIC is a further option.
 //! - `current_tenant()` returns NULL after `exp`: a session pinned longer than the TTL
 //!   sees zero rows unless the proxy calls `enter` again at an idle point.
+//! - Policies are permissive and OR-ed: when moving a table to the signed form, drop
+//!   the old `current_setting(...)` policies, or `SET` still opens the table.
+//! - The key table is in every `pg_dump` of the schema: a leaked key lets any tenant
+//!   forge a context. Protect dumps; rotate after restoring a dump elsewhere.
+//! - With the default schema name `pgtenant` and a pool role also named `pgtenant`, the
+//!   default `search_path` (`"$user", public`) puts this schema first for the pool role:
+//!   an application's unqualified `current_tenant()`, `enter()`, `leave()` or a table
+//!   named `context_keys` / `backend_context` would resolve here. Use another schema
+//!   name in that case.
+//! - Cost (PostgreSQL 15, measured by the tests): `enter` about 50 µs of server time
+//!   plus one round trip and one XID; `current_tenant()` about 12–25 µs per query (the
+//!   backend-status snapshot grows with the number of backends), once per query thanks
+//!   to the sub-select in the policy.
 
 mod admin;
 mod conn;
@@ -72,6 +85,8 @@ pub use sql::{enter_sql, identity_sql, install_sql, leave_sql, policy_sql};
 
 /// Smallest accepted key, in bytes.
 pub const MIN_KEY_BYTES: usize = 32;
+/// Longest context lifetime a [`SignedContext`] accepts.
+pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Version tag at the start of every signed message.
 pub const MESSAGE_VERSION: &str = "v1";
 
@@ -286,8 +301,10 @@ impl SignedContext {
         ttl: Duration,
     ) -> Result<Self, ContextKeyError> {
         sql::ident("schema", schema).map_err(|e| ContextKeyError::Config(e.to_string()))?;
-        if ttl < Duration::from_secs(1) {
-            return Err(ContextKeyError::Config("ttl must be at least 1s".into()));
+        if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
+            return Err(ContextKeyError::Config(
+                "ttl must be between 1s and 366 days".into(),
+            ));
         }
         Ok(SignedContext {
             schema: schema.to_owned(),
@@ -360,6 +377,7 @@ mod unit {
     use super::*;
 
     const KEY: [u8; 32] = [7u8; 32];
+    const HOUR_FOR_TEST: Duration = Duration::from_secs(3600);
 
     #[test]
     fn mac_is_hmac_sha256_of_the_canonical_message() {
@@ -470,6 +488,12 @@ mod unit {
             Duration::from_secs(60),
         )
         .unwrap();
+        for bad in [Duration::ZERO, MAX_TTL + Duration::from_secs(1)] {
+            let signer = ContextSigner::new("k1", &KEY).unwrap();
+            assert!(SignedContext::new("pgtenant", signer, bad).is_err());
+        }
+        let signer = ContextSigner::new("k1", &KEY).unwrap();
+        assert!(SignedContext::new("Bad", signer, HOUR_FOR_TEST).is_err());
         let id = BackendIdentity {
             pid: 1,
             backend_start_micros: 2,

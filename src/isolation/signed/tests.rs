@@ -274,6 +274,18 @@ async fn isolation_signed_install_is_idempotent_and_locked_down() {
             .await
             .is_err()
     );
+    // A schema prepared by someone else is not adopted.
+    admin
+        .batch_execute("CREATE SCHEMA squatted AUTHORIZATION md5_user")
+        .await
+        .unwrap();
+    let err = install_on(&mut admin, "squatted", DEFAULT_OWNER, POOL_ROLE, None)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("refusing to take it over"),
+        "{err:#}"
+    );
     // The owner must have no members: the script refuses to continue.
     admin
         .batch_execute("GRANT pgtenant_ctx_owner TO md5_user")
@@ -385,6 +397,17 @@ async fn isolation_signed_context_holds_under_attack() {
     };
     let r = enter(&a, S, &expired).await;
     assert!(message(r).contains("expired"));
+    // Out of timestamp range, correctly signed: 28000, not a range error.
+    let (seq, exp) = (next_seq(), sql::MAX_EXP_UNIX + 1);
+    let far = Proof {
+        tenant: "globex".into(),
+        seq,
+        exp,
+        key_id: signer.key_id().into(),
+        mac: signer.sign("globex", id_a.pid, id_a.backend_start_micros, seq, exp),
+    };
+    let r = enter(&a, S, &far).await;
+    assert!(message(r).contains("malformed"));
     // A proof for backend b, used on a (fails), then on b (works there).
     let for_b = ctx.proof(&id_b, "globex");
     let r = enter(&a, S, &for_b).await;
@@ -470,10 +493,18 @@ async fn isolation_signed_context_holds_under_attack() {
     a.batch_execute(
         "SET max_parallel_workers_per_gather = 2; SET parallel_setup_cost = 0;
          SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
-         SET force_parallel_mode = on",
+         SET force_parallel_mode = on; SET enable_indexscan = off; SET enable_bitmapscan = off",
     )
     .await
     .unwrap();
+    let plan: Vec<String> = a
+        .query("EXPLAIN (COSTS OFF) SELECT tenant_id FROM customers", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.iter().any(|l| l.contains("Gather")), "{plan:?}");
     assert_eq!(visible(&a).await, medcorp());
     a.batch_execute("RESET ALL").await.unwrap();
 
@@ -772,9 +803,18 @@ async fn isolation_signed_server_conn_pin_release_and_cost() {
         Some("globex")
     );
 
-    // Cost: N round trips each over this one connection (debug build client side).
+    // Cost: N round trips each over this one connection (debug build client side), and
+    // the server-side time per call from pg_stat_user_functions.
     const N: u32 = 1000;
     let admin = connect(&f.admin_conninfo()).await;
+    for sql in [
+        "ALTER SYSTEM SET track_functions = 'all'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    query_rows(&mut conn, "SELECT 1", &[], &[]).await.unwrap(); // takes the reload
     let t = Instant::now();
     for _ in 0..N {
         query_rows(&mut conn, "SELECT 1", &[], &[]).await.unwrap();
@@ -818,4 +858,33 @@ async fn isolation_signed_server_conn_pin_release_and_cost() {
     );
     assert!(xid1 - xid0 >= i64::from(N), "each enter is a write");
     assert!(!conn.broken);
+    drop(conn); // the backend flushes its function statistics when it exits
+    let mut server_side = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let rows = admin
+            .query(
+                "SELECT funcname, calls, round((total_time * 1000 / calls)::numeric, 1)::text
+                 FROM pg_stat_user_functions
+                 WHERE schemaname = 'pgtenant' AND calls >= 1000 ORDER BY funcname",
+                &[],
+            )
+            .await
+            .unwrap();
+        if rows.len() >= 4 {
+            server_side = rows
+                .iter()
+                .map(|r| format!("{} {} µs", r.get::<_, String>(0), r.get::<_, String>(2)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            break;
+        }
+    }
+    eprintln!("signed context server-side time per call: {server_side}");
+    for sql in [
+        "ALTER SYSTEM RESET track_functions",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
 }
