@@ -9,6 +9,7 @@
 //! - `protocol`: frames and messages; no I/O policy, no tenant knowledge
 //! - `auth`: JWT verification, keys; returns an `Identity`
 //! - `tenant`: `TenantId`, routing of tenants to upstreams
+//! - `isolation`: the signed tenant context on shared upstreams
 //! - `pool`: server connections (bb8 manager), checkout, reset
 //! - `session`: one client: startup → auth → route → checkout → relay
 //! - `server`: listener, accept loop, shutdown

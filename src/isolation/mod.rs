@@ -1,6 +1,9 @@
-//! Tenant isolation on shared upstreams: checks that the database enforces it.
+//! Tenant isolation on shared upstreams (design/isolation.md).
 //!
+//! - `signed`: the signed tenant context that a client cannot write (SQL install script,
+//!   key management, the proxy's `enter`/`leave` round trips)
 //! - `doctor`: `pgtenant doctor`, inspects a shared upstream for misconfigurations that break
-//!   row-level-security isolation (design/isolation.md, "Hardening checklist")
+//!   row-level-security isolation ("Hardening checklist")
 
 pub mod doctor;
+pub mod signed;

@@ -23,7 +23,7 @@ mod manager;
 mod server_conn;
 mod target;
 mod tls;
-mod wire;
+pub(crate) mod wire;
 
 pub use checkout::{
     PoolError, PoolStats, PooledServer, Pools, MAX_SETUP_ATTEMPTS, RECONNECT_BACKOFF,
