@@ -46,6 +46,48 @@ pub enum Command {
     Demo(DemoArgs),
     /// Inspect every shared upstream for isolation misconfigurations; exit 1 on fatal findings.
     Doctor(DoctorArgs),
+    /// The signed tenant context (`context = "signed"`): print, install, rotate keys.
+    #[command(subcommand)]
+    Rls(RlsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RlsCommand {
+    /// Print the install script for review.
+    Sql(RlsNames),
+    /// Install (idempotently) into a shared upstream's database; creates a first key if none.
+    Install {
+        #[command(flatten)]
+        names: RlsNames,
+        /// Superuser (or database owner) connection, URL or key=value. Not the pool role.
+        #[arg(long, env = "PGTENANT_ADMIN_URL")]
+        admin_url: String,
+        /// Write a new key here as `<key_id>:<hex>` (mode 0600) for `signed_context.key_file`.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Add a new key; with --retire-older, retire all but the new and the previous one.
+    RotateKey {
+        #[arg(long, default_value = crate::isolation::signed::sql::DEFAULT_SCHEMA)]
+        schema: String,
+        #[arg(long, env = "PGTENANT_ADMIN_URL")]
+        admin_url: String,
+        #[arg(long)]
+        retire_older: bool,
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RlsNames {
+    #[arg(long, default_value = crate::isolation::signed::sql::DEFAULT_SCHEMA)]
+    pub schema: String,
+    #[arg(long, default_value = crate::isolation::signed::sql::DEFAULT_OWNER)]
+    pub owner: String,
+    /// The role the upstream's pool logs in as.
+    #[arg(long, default_value = "pgtenant")]
+    pub pool_role: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -183,4 +225,67 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<bool> {
         print!("{}", doctor::render_text(&findings));
     }
     Ok(doctor::has_fatal(&findings))
+}
+
+/// `pgtenant rls ...`. Keys are printed once (or written to --key-file); they never go to logs.
+pub async fn rls(cmd: RlsCommand) -> anyhow::Result<()> {
+    use crate::isolation::signed;
+    match cmd {
+        RlsCommand::Sql(n) => {
+            println!(
+                "{}",
+                signed::install_sql(&n.schema, &n.owner, &n.pool_role)?
+            );
+            println!("-- Policy form for every tenant table:");
+            println!("{}", signed::policy_sql(&n.schema, "<table>", "tenant_id")?);
+        }
+        RlsCommand::Install {
+            names: n,
+            admin_url,
+            key_file,
+        } => {
+            let report = signed::install(
+                &admin_url,
+                &n.schema,
+                &n.owner,
+                &n.pool_role,
+                key_file.as_deref(),
+            )
+            .await?;
+            println!(
+                "installed schema {} (owner {}, pool role {})",
+                report.schema, report.owner_role, report.pool_role
+            );
+            print_new_key(report.new_key.as_ref());
+            println!("active keys: {}", report.active_keys.join(", "));
+            println!("policy form:\n{}", report.policy_example);
+        }
+        RlsCommand::RotateKey {
+            schema,
+            admin_url,
+            retire_older,
+            key_file,
+        } => {
+            let (id, hex) =
+                signed::rotate_key(&admin_url, &schema, retire_older, key_file.as_deref()).await?;
+            match key_file {
+                Some(f) => println!("new key {id} written to {}", f.display()),
+                None => println!("new key {id}: {hex}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_new_key(key: Option<&crate::isolation::signed::NewKey>) {
+    match key {
+        Some(k) => match &k.key_file {
+            Some(f) => println!("new key {} written to {}", k.key_id, f.display()),
+            None => println!(
+                "new key {} (shown once; put it in signed_context.key via an environment variable): {}",
+                k.key_id, k.key_hex
+            ),
+        },
+        None => println!("valid keys exist; none created"),
+    }
 }

@@ -215,6 +215,24 @@ pub struct UpstreamConfig {
     pub tls: ServerTlsMode,
     /// CA bundle to verify the server certificate; without it the certificate is not verified.
     pub tls_ca_file: Option<PathBuf>,
+    /// How the tenant reaches the database on a shared upstream. Default `setting`.
+    #[serde(default)]
+    pub context: ContextMode,
+    /// Keys and schema of the signed context (`context = "signed"`).
+    pub signed_context: Option<crate::isolation::signed::SignedContextConfig>,
+}
+
+/// The tenant context on a shared upstream.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ContextMode {
+    /// `set_config(tenant_setting, tenant)`: policies read `current_setting(...)`. A client
+    /// with SQL access can change it; not a security boundary on its own.
+    #[default]
+    Setting,
+    /// The signed context (`pgtenant rls install`): policies read `<schema>.current_tenant()`,
+    /// which only a proof signed by the proxy can set. The setting is applied too, for reading.
+    Signed,
 }
 
 impl UpstreamConfig {
@@ -356,6 +374,13 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("upstreams.{name}.url: {e}")))?;
             if up.pool_size == 0 {
                 return invalid(format!("upstreams.{name}.pool_size must be at least 1"));
+            }
+            if up.context == ContextMode::Signed
+                && (up.kind != UpstreamKind::Shared || up.signed_context.is_none())
+            {
+                return invalid(format!(
+                    "upstreams.{name}: context = \"signed\" needs kind = \"shared\" and a [upstreams.{name}.signed_context] table"
+                ));
             }
             if up.kind == UpstreamKind::Shared && !valid_setting_name(&up.tenant_setting) {
                 return invalid(format!(

@@ -32,6 +32,8 @@ pub enum ClientError {
     TooManyClients,
     #[error("pgtenant is shutting down")]
     ShuttingDown,
+    #[error("the tenant context could not be established on the server connection")]
+    Context(ServerError),
     #[error("the server connection was lost")]
     ServerLost,
     #[error("client connection lost: {0}")]
@@ -87,6 +89,10 @@ impl ClientError {
             ClientError::Pool(PoolError::Setup { .. }) => SqlState::CONNECTION_FAILURE,
             ClientError::TooManyClients => SqlState::TOO_MANY_CONNECTIONS,
             ClientError::ShuttingDown => SqlState::ADMIN_SHUTDOWN,
+            ClientError::Context(ServerError::Db { code, .. }) if code == "28000" => {
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            }
+            ClientError::Context(_) => SqlState::CANNOT_CONNECT_NOW,
             ClientError::ServerLost | ClientError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
         }
     }
@@ -129,6 +135,7 @@ impl ClientError {
             ClientError::Pool(PoolError::Setup { .. }) => "server_setup",
             ClientError::TooManyClients => "too_many_clients",
             ClientError::ShuttingDown => "shutting_down",
+            ClientError::Context(_) => "context",
             ClientError::ServerLost => "server_lost",
             ClientError::ClientIo(_) => "client_io",
         }

@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
             runtime(config.runtime.worker_threads)?.block_on(pgtenant::server::run(config))
         }
         Command::Demo(args) => runtime(None)?.block_on(pgtenant::demo::run(args)),
+        Command::Rls(cmd) => runtime(None)?.block_on(pgtenant::cli::rls(cmd)),
         Command::Doctor(args) => {
             if runtime(None)?.block_on(pgtenant::cli::doctor(args))? {
                 std::process::exit(1);

@@ -23,6 +23,7 @@ pub const SERVER_RESETS_TOTAL: &str = "pgtenant_server_resets_total";
 pub const UPSTREAM_CONNECT_ERRORS: &str = "pgtenant_upstream_connect_errors_total";
 pub const CANCEL_REQUESTS: &str = "pgtenant_cancel_requests_total";
 pub const BUILD_INFO: &str = "pgtenant_build_info";
+pub const CONTEXT_FAILURES_TOTAL: &str = "pgtenant_context_failures_total";
 
 /// At most this many distinct tenant label values; later tenants share `other`.
 const MAX_TENANT_LABELS: usize = 1000;
@@ -122,6 +123,10 @@ fn describe() {
         "Failed connection attempts to an upstream."
     );
     describe_counter!(CANCEL_REQUESTS, "CancelRequests received, by result.");
+    describe_counter!(
+        CONTEXT_FAILURES_TOTAL,
+        "Signed tenant context enter/leave failures, by upstream and step; the connection is destroyed."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs."

@@ -1,5 +1,6 @@
 //! The listener: shared state, accept loop, admin endpoint, graceful shutdown.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,7 +13,8 @@ use tracing::{info, warn};
 
 use crate::auth::JwtVerifier;
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, ContextMode, TlsMode};
+use crate::isolation::signed::SignedContext;
 use crate::pool::Pools;
 use crate::tenant::Router;
 
@@ -22,6 +24,8 @@ pub struct Shared {
     router: ArcSwap<Router>,
     pub verifier: JwtVerifier,
     pub pools: Pools,
+    /// Signed tenant contexts of the upstreams with `context = "signed"`, by upstream name.
+    pub contexts: HashMap<String, Arc<SignedContext>>,
     pub cancels: CancelRegistry,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub pre_auth: Arc<Semaphore>,
@@ -94,6 +98,15 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         _ => None,
     };
     let pools = Pools::from_config(&config).context("[upstreams]")?;
+    let mut contexts = HashMap::new();
+    for (name, up) in &config.upstreams {
+        if let (ContextMode::Signed, Some(signed)) = (up.context, &up.signed_context) {
+            let ctx = signed
+                .build()
+                .with_context(|| format!("[upstreams.{name}.signed_context]"))?;
+            contexts.insert(name.clone(), Arc::new(ctx));
+        }
+    }
     let listener = TcpListener::bind(config.listen.addr)
         .await
         .with_context(|| format!("binding {}", config.listen.addr))?;
@@ -107,6 +120,7 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         config: ArcSwap::from_pointee(config),
         verifier,
         pools,
+        contexts,
         cancels: CancelRegistry::default(),
         tls,
         shutdown: shutdown_rx.clone(),

@@ -92,6 +92,9 @@ pub struct ServerConn {
     pub read_buf: BytesMut,
     pub backend_pid: i32,
     pub backend_secret: i32,
+    /// This backend's start time (µs since the epoch), once a caller has read it; with
+    /// `backend_pid` it identifies the backend for the signed tenant context.
+    pub backend_start_micros: Option<i64>,
     /// Current GUC_REPORT parameters as last reported by the server (ParameterStatus); the
     /// relay updates it too.
     pub params: BTreeMap<String, String>,
@@ -155,6 +158,7 @@ impl ServerConn {
             read_buf: BytesMut::with_capacity(8 * 1024),
             backend_pid: 0,
             backend_secret: 0,
+            backend_start_micros: None,
             params: BTreeMap::new(),
             tx_status: b'I',
             broken: true,

@@ -17,6 +17,7 @@ use crate::auth::Identity;
 use crate::cancel::CancelTarget;
 use crate::config::UpstreamKind;
 use crate::error::ClientError;
+use crate::isolation::signed::{BackendIdentity, SignedContext};
 use crate::metrics as m;
 use crate::pool::PooledServer;
 use crate::protocol::messages;
@@ -129,6 +130,19 @@ async fn run_session(
             return Err(error);
         }
     };
+    let context = shared.contexts.get(&*upstream).cloned();
+    if let Some(ctx) = &context {
+        if let Err(e) = enter_signed_context(ctx, &mut server, identity).await {
+            metrics::counter!(m::CONTEXT_FAILURES_TOTAL, "upstream" => upstream.to_string(), "step" => "enter")
+                .increment(1);
+            warn!(upstream = %upstream, server = server.id, error = %e, "signed tenant context refused; destroying the server connection");
+            server.broken = true;
+            drop(server);
+            let error = ClientError::Context(e);
+            m_refused(error.label());
+            return Err(error);
+        }
+    }
     metrics::histogram!(m::POOL_CHECKOUT_SECONDS, "upstream" => upstream.to_string())
         .record(started.elapsed().as_secs_f64());
 
@@ -164,7 +178,7 @@ async fn run_session(
     let outcome = match result {
         Ok(outcome) => outcome,
         Err(e) => {
-            release(server, false).await;
+            release(server, false, context.as_deref()).await;
             return Err(e);
         }
     };
@@ -175,7 +189,7 @@ async fn run_session(
         end = ?outcome.end, "session ended"
     );
     let reusable = outcome.server_idle && !matches!(outcome.end, RelayEnd::ServerClosed);
-    release(server, reusable).await;
+    release(server, reusable, context.as_deref()).await;
     match outcome.end {
         RelayEnd::ClientViolation(e) => Err(e),
         RelayEnd::Shutdown => Err(ClientError::ShuttingDown),
@@ -230,8 +244,14 @@ async fn greet_and_relay(
 
 /// Returns the server connection to its pool clean, or destroys it. Runs before the bb8
 /// guard drops, since check-in is synchronous (design/protocol.md trap 8).
-async fn release(mut server: PooledServer, reusable: bool) {
+async fn release(mut server: PooledServer, reusable: bool, context: Option<&SignedContext>) {
     let outcome = if !reusable || server.broken || !server.read_buf.is_empty() {
+        server.broken = true;
+        "destroyed"
+    } else if let Some(Err(e)) = leave_signed_context(context, &mut server).await {
+        metrics::counter!(m::CONTEXT_FAILURES_TOTAL, "upstream" => server.upstream.to_string(), "step" => "leave")
+            .increment(1);
+        warn!(server = server.id, error = %e, "leaving the signed tenant context failed; destroying the server connection");
         server.broken = true;
         "destroyed"
     } else if server.reset().await.is_ok() {
@@ -245,4 +265,31 @@ async fn release(mut server: PooledServer, reusable: bool) {
         "destroyed"
     };
     metrics::counter!(m::SERVER_RESETS_TOTAL, "result" => outcome).increment(1);
+}
+
+/// Signs and applies the tenant context (bind parameters only); the backend identity is read
+/// once per server connection and cached on it.
+async fn enter_signed_context(
+    ctx: &SignedContext,
+    server: &mut PooledServer,
+    identity: &Identity,
+) -> Result<(), crate::pool::ServerError> {
+    let mut cached = server.backend_start_micros.map(|micros| BackendIdentity {
+        pid: server.backend_pid,
+        backend_start_micros: micros,
+    });
+    let entered = ctx.pin(server, &mut cached, identity.tenant.as_str()).await;
+    server.backend_start_micros = cached.map(|c| c.backend_start_micros);
+    entered
+}
+
+/// `leave()` before the reset: DISCARD ALL does not clear the signed context.
+async fn leave_signed_context(
+    context: Option<&SignedContext>,
+    server: &mut PooledServer,
+) -> Option<Result<(), crate::pool::ServerError>> {
+    match context {
+        Some(ctx) => Some(ctx.leave(server).await),
+        None => None,
+    }
 }
