@@ -110,7 +110,6 @@ async fn setting_attacks_change_nothing_under_the_signed_context() {
         "ALTER ROLE pgtenant SET search_path = evil",
     ];
     let mut left = false;
-    let mut left = false;
     for attack in attacks {
         let _ = client.batch_execute(attack).await;
         if attack.contains("row_security") {
