@@ -10,6 +10,7 @@
 //! - `auth`: JWT verification, keys; returns an `Identity`
 //! - `tenant`: `TenantId`, routing of tenants to upstreams
 //! - `pool`: server connections (bb8 manager), checkout, reset
+//! - `isolation`: the SQL guard (blocks statements that would change the tenant context)
 //! - `session`: one client: startup → auth → route → checkout → relay
 //! - `server`: listener, accept loop, shutdown
 //! - `metrics`, `admin`: metric names and the HTTP endpoint
@@ -29,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod embedded_pg;
 pub mod error;
+pub mod isolation;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
