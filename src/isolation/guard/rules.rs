@@ -12,15 +12,23 @@ use pg_query::protobuf::{ObjectType, VariableSetKind};
 use super::walk::{Leaf, Step, Visit};
 use super::{GuardConfig, Rule};
 
-/// Builtins that run SQL given to them as a string, which the guard cannot see (checked on
-/// PostgreSQL 15: each ran a `set_config` hidden in its argument). Configurable with
-/// `block_dynamic_sql`.
+/// Functions that run SQL given to them as a string, which the guard cannot see. Checked
+/// on PostgreSQL 15: `query_to_xml`, `ts_stat`, `ts_rewrite(tsquery, text)` (core) and
+/// `crosstab` (the trusted extension `tablefunc`) each ran a `set_config` hidden in an
+/// argument; `connectby` (also `tablefunc`) pastes its name arguments into SQL unquoted.
+/// `xpath_table` (`xml2`) builds SQL the same way. Configurable with `block_dynamic_sql`.
 pub(super) const DYNAMIC_SQL_FUNCTIONS: &[&str] = &[
     "query_to_xml",
     "query_to_xmlschema",
     "query_to_xml_and_xmlschema",
     "ts_stat",
     "ts_rewrite",
+    "crosstab",
+    "crosstab2",
+    "crosstab3",
+    "crosstab4",
+    "connectby",
+    "xpath_table",
 ];
 
 /// Fields whose `String` nodes name a function that will be called: calls, and the places
@@ -40,6 +48,8 @@ const FUNCTION_NAME_FIELDS: &[(&str, &str)] = &[
     ("CreatePLangStmt", "plvalidator"),
     ("CreateFdwStmt", "func_options"),
     ("AlterFdwStmt", "func_options"),
+    ("AlterOperatorStmt", "options"),
+    ("AlterTypeStmt", "options"),
 ];
 
 /// Wrappers skipped when looking for the field a name string belongs to.
@@ -297,7 +307,96 @@ fn is_true(value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Guard;
     use super::*;
+
+    /// Each function-name field exists under that name: a `set_config` placed there (and
+    /// nowhere else) is found. (Checked once by deleting all fields but `FuncCall`'s: every
+    /// other sample then passed.)
+    #[test]
+    fn every_function_name_field_is_reached() {
+        let samples = [
+            ("FuncCall", "funcname", "SELECT set_config('a','b',false)"),
+            (
+                "ObjectWithArgs",
+                "objname",
+                "GRANT EXECUTE ON FUNCTION set_config(text,text,bool) TO public",
+            ),
+            (
+                "DefineStmt",
+                "definition",
+                "CREATE AGGREGATE a(text, bool) (sfunc = set_config, stype = text)",
+            ),
+            (
+                "CreateRangeStmt",
+                "params",
+                "CREATE TYPE r AS RANGE (subtype = float8, subtype_diff = set_config)",
+            ),
+            (
+                "CreateTrigStmt",
+                "funcname",
+                "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION set_config()",
+            ),
+            (
+                "CreateEventTrigStmt",
+                "funcname",
+                "CREATE EVENT TRIGGER et ON ddl_command_start EXECUTE FUNCTION set_config()",
+            ),
+            (
+                "CreateConversionStmt",
+                "func_name",
+                "CREATE CONVERSION c FOR 'LATIN1' TO 'UTF8' FROM set_config",
+            ),
+            (
+                "CreatePLangStmt",
+                "plhandler",
+                "CREATE LANGUAGE l HANDLER set_config",
+            ),
+            (
+                "CreatePLangStmt",
+                "plinline",
+                "CREATE LANGUAGE l HANDLER h INLINE set_config",
+            ),
+            (
+                "CreatePLangStmt",
+                "plvalidator",
+                "CREATE LANGUAGE l HANDLER h VALIDATOR set_config",
+            ),
+            (
+                "CreateFdwStmt",
+                "func_options",
+                "CREATE FOREIGN DATA WRAPPER w HANDLER set_config",
+            ),
+            (
+                "AlterFdwStmt",
+                "func_options",
+                "ALTER FOREIGN DATA WRAPPER w VALIDATOR set_config",
+            ),
+            (
+                "AlterOperatorStmt",
+                "options",
+                "ALTER OPERATOR = (int, int) SET (RESTRICT = set_config)",
+            ),
+            (
+                "AlterTypeStmt",
+                "options",
+                "ALTER TYPE t SET (RECEIVE = set_config)",
+            ),
+        ];
+        for field in FUNCTION_NAME_FIELDS {
+            assert!(
+                samples
+                    .iter()
+                    .any(|(n, f, _)| (n, f) == (&field.0, &field.1)),
+                "no sample for {field:?}"
+            );
+        }
+        let guard = Guard::new(GuardConfig::default());
+        for (node, field, sql) in samples {
+            let verdict = guard.check(sql).map_err(|v| v.rule);
+            assert_eq!(verdict, Err(Rule::SetConfig), "{node}.{field}: {sql}");
+        }
+    }
 
     #[test]
     fn encoding_names_match_like_postgres() {
