@@ -79,7 +79,7 @@ struct SetStmt {
     kind: i32,
     param: Param,
     args: u32,
-    /// Values of the string arguments that are acceptable for `param`.
+    /// How many of the arguments are strings acceptable for `param`.
     acceptable_args: u32,
 }
 
