@@ -11,6 +11,7 @@
 //! - `tenant`: `TenantId`, routing of tenants to upstreams
 //! - `isolation`: the signed tenant context on shared upstreams
 //! - `pool`: server connections (bb8 manager), checkout, reset
+//! - `isolation`: the SQL guard (blocks statements that would change the tenant context)
 //! - `session`: one client: startup → auth → route → checkout → relay
 //! - `server`: listener, accept loop, shutdown
 //! - `metrics`, `admin`: metric names and the HTTP endpoint
