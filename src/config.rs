@@ -220,6 +220,19 @@ pub struct UpstreamConfig {
     pub context: ContextMode,
     /// Keys and schema of the signed context (`context = "signed"`).
     pub signed_context: Option<crate::isolation::signed::SignedContextConfig>,
+    /// Inspect every Query and Parse with the SQL guard (shared upstreams). Default true.
+    #[serde(default = "yes")]
+    pub guard: bool,
+    /// Which statement classes the guard blocks (`tenant_setting` is taken from above).
+    #[serde(default)]
+    pub guard_rules: crate::isolation::guard::GuardConfig,
+    /// Let FunctionCall ('F') messages through on a shared upstream. Default false (0A000).
+    #[serde(default)]
+    pub allow_function_call: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The tenant context on a shared upstream.

@@ -24,6 +24,7 @@ pub const UPSTREAM_CONNECT_ERRORS: &str = "pgtenant_upstream_connect_errors_tota
 pub const CANCEL_REQUESTS: &str = "pgtenant_cancel_requests_total";
 pub const BUILD_INFO: &str = "pgtenant_build_info";
 pub const CONTEXT_FAILURES_TOTAL: &str = "pgtenant_context_failures_total";
+pub const ISOLATION_VIOLATIONS_TOTAL: &str = "pgtenant_isolation_violations_total";
 
 /// At most this many distinct tenant label values; later tenants share `other`.
 const MAX_TENANT_LABELS: usize = 1000;
@@ -123,6 +124,10 @@ fn describe() {
         "Failed connection attempts to an upstream."
     );
     describe_counter!(CANCEL_REQUESTS, "CancelRequests received, by result.");
+    describe_counter!(
+        ISOLATION_VIOLATIONS_TOTAL,
+        "Statements refused by the isolation guard, by tenant and rule."
+    );
     describe_counter!(
         CONTEXT_FAILURES_TOTAL,
         "Signed tenant context enter/leave failures, by upstream and step; the connection is destroyed."

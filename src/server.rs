@@ -13,7 +13,8 @@ use tracing::{info, warn};
 
 use crate::auth::JwtVerifier;
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, ContextMode, TlsMode};
+use crate::config::{Config, ContextMode, TlsMode, UpstreamKind};
+use crate::isolation::guard::{Guard, GuardConfig};
 use crate::isolation::signed::SignedContext;
 use crate::pool::Pools;
 use crate::tenant::Router;
@@ -26,6 +27,8 @@ pub struct Shared {
     pub pools: Pools,
     /// Signed tenant contexts of the upstreams with `context = "signed"`, by upstream name.
     pub contexts: HashMap<String, Arc<SignedContext>>,
+    /// SQL guards of the shared upstreams with `guard = true`, by upstream name.
+    pub guards: HashMap<String, Arc<Guard>>,
     pub cancels: CancelRegistry,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub pre_auth: Arc<Semaphore>,
@@ -99,7 +102,15 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
     };
     let pools = Pools::from_config(&config).context("[upstreams]")?;
     let mut contexts = HashMap::new();
+    let mut guards = HashMap::new();
     for (name, up) in &config.upstreams {
+        if up.kind == UpstreamKind::Shared && up.guard {
+            let rules = GuardConfig {
+                tenant_setting: up.tenant_setting.clone(),
+                ..up.guard_rules.clone()
+            };
+            guards.insert(name.clone(), Arc::new(Guard::new(rules)));
+        }
         if let (ContextMode::Signed, Some(signed)) = (up.context, &up.signed_context) {
             let ctx = signed
                 .build()
@@ -121,6 +132,7 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         verifier,
         pools,
         contexts,
+        guards,
         cancels: CancelRegistry::default(),
         tls,
         shutdown: shutdown_rx.clone(),

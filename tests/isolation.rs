@@ -111,3 +111,105 @@ async fn randomized_interleaving_never_shows_foreign_rows() {
         assert!(statements.load(Ordering::Relaxed) > 500);
     }
 }
+
+/// The SQL guard in `context = "setting"` mode: each attack is refused with 42501 naming the
+/// rule, counted in the metric, and the session stays usable with its tenant unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_refuses_setting_attacks_and_the_session_goes_on() {
+    let proxy = common::start_proxy(|_| {}).await;
+    let client = common::connect(proxy.addr, "medcorp").await;
+    let attacks = [
+        ("SET app.current_tenant_id = 'globex'", "tenant_setting"),
+        ("set SESSION \"APP\".\"current_tenant_id\" TO 'globex'", "tenant_setting"),
+        ("SET LOCAL app.current_tenant_id = 'globex'", "tenant_setting"),
+        ("SET /* hidden */ app . current_tenant_id = 'globex'", "tenant_setting"),
+        ("RESET app.current_tenant_id", "tenant_setting"),
+        ("RESET ALL", "reset_all"),
+        ("DISCARD ALL", "discard"),
+        ("SELECT set_config('app.current_tenant_id', 'globex', false)", "set_config"),
+        ("SELECT pg_catalog.SET_CONFIG(lower('APP.CURRENT_TENANT_ID'), 'globex', false)", "set_config"),
+        ("WITH x AS (SELECT set_config('app.current_tenant_id', 'globex', false)) SELECT * FROM x", "set_config"),
+        ("SELECT * FROM customers WHERE set_config('app.current_tenant_id', 'globex', false) IS NOT NULL", "set_config"),
+        ("PREPARE p AS SELECT set_config('app.current_tenant_id', 'globex', false)", "set_config"),
+        ("DO $$ BEGIN PERFORM set_config('app.current_tenant_id', 'globex', false); END $$", "do_block"),
+        ("SET ROLE saas_owner", "set_role"),
+        ("SET SESSION AUTHORIZATION saas_owner", "session_authorization"),
+        ("ALTER ROLE pgtenant SET search_path = evil", "alter_role"),
+        ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'", "create_function"),
+        ("LISTEN tenant_events", "listen"),
+        ("COPY customers TO PROGRAM 'cat'", "copy_program"),
+        ("SELECT 1; SET app.current_tenant_id = 'globex'", "tenant_setting"),
+    ];
+    for (sql, rule) in attacks {
+        let err = client.simple_query(sql).await.expect_err(sql);
+        assert_eq!(common::sqlstate(&err), "42501", "{sql}: {err:?}");
+        assert!(
+            format!("{err:?}").contains(rule),
+            "{sql}: message should name {rule}: {err:?}"
+        );
+        // Extended protocol (Parse) is checked too.
+        let err = client.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(common::sqlstate(&err), "42501", "extended {sql}: {err:?}");
+        let rows = client
+            .query("SELECT tenant_id FROM customers", &[])
+            .await
+            .unwrap();
+        assert!(
+            !rows.is_empty() && rows.iter().all(|r| r.get::<_, String>(0) == "medcorp"),
+            "after {sql}"
+        );
+    }
+    // A blocked statement inside a transaction does not end it.
+    client.batch_execute("BEGIN").await.unwrap();
+    client.simple_query("RESET ALL").await.unwrap_err();
+    client.batch_execute("SELECT 1; COMMIT").await.unwrap();
+    // Ordinary settings and statements pass.
+    client
+        .batch_execute(
+            "SET application_name = 'ok'; SET search_path = public; SHOW app.current_tenant_id",
+        )
+        .await
+        .unwrap();
+
+    let metrics = http_get(&format!("http://{}/metrics", proxy.admin_addr.unwrap())).await;
+    assert!(
+        metrics.contains(
+            "pgtenant_isolation_violations_total{tenant=\"medcorp\",rule=\"set_config\"}"
+        ),
+        "{metrics}"
+    );
+}
+
+/// A pipeline with a refused statement in the middle: answers stay in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_keep_pipelined_answers_in_order() {
+    let proxy = common::start_proxy(|_| {}).await;
+    let client = common::connect(proxy.addr, "globex").await;
+    let (a, b, c) = tokio::join!(
+        client.query_one("SELECT 1::int", &[]),
+        client.query_one(
+            "SELECT set_config('app.current_tenant_id', 'medcorp', false)",
+            &[]
+        ),
+        client.query_one("SELECT count(*) FROM customers", &[]),
+    );
+    assert_eq!(a.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(common::sqlstate(&b.unwrap_err()), "42501");
+    assert_eq!(
+        c.unwrap().get::<_, i64>(0),
+        data::shared("globex").unwrap().customers.len() as i64
+    );
+}
+
+async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf
+}

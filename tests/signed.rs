@@ -62,6 +62,8 @@ async fn signed_proxy(pool_size: u32) -> pgtenant::server::ProxyHandle {
     common::start_proxy(move |c| {
         let shared = c.upstreams.get_mut("shared").unwrap();
         shared.pool_size = pool_size;
+        // The boundary must hold without the SQL guard (defence in depth, not the boundary).
+        shared.guard = false;
         shared.context = ContextMode::Signed;
         shared.signed_context = Some(
             toml::from_str::<SignedContextConfig>(&format!(

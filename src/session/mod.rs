@@ -2,6 +2,7 @@
 //! release. The per-session decisions live here; bytes move in `relay`.
 
 mod client;
+mod filter;
 mod handshake;
 pub mod relay;
 
@@ -114,10 +115,16 @@ async fn run_session(
     if let (UpstreamKind::Shared, Some(setting)) = (route.kind, route.tenant_setting.as_deref()) {
         settings.push((setting, identity.tenant.as_str()));
     }
+    // A multibyte client encoding such as SJIS lets SQL hide inside what the guard parses as
+    // a string literal: guarded upstreams keep the server's UTF8.
+    let guarded = shared.guards.contains_key(&*upstream);
     settings.extend(
         params
             .forwarded
             .iter()
+            .filter(|(k, v)| {
+                !(guarded && k.eq_ignore_ascii_case("client_encoding") && !is_utf8_name(v))
+            })
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
 
@@ -171,7 +178,25 @@ async fn run_session(
         server = server.id, "session started"
     );
 
-    let result = greet_and_relay(conn, &mut server, key, shared, &|n| queries.increment(n)).await;
+    let guard_filter = shared
+        .guards
+        .get(&*upstream)
+        .map(|guard| filter::GuardFilter {
+            guard,
+            tenant_label: &tenant_label,
+            upstream: &upstream,
+            allow_function_call: shared.config().upstreams[&*upstream].allow_function_call,
+        });
+    let filter = guard_filter.as_ref().map(|f| f as &dyn relay::ClientFilter);
+    let result = greet_and_relay(
+        conn,
+        &mut server,
+        key,
+        shared,
+        &|n| queries.increment(n),
+        filter,
+    )
+    .await;
 
     shared.cancels.remove(key);
     open.decrement(1.0);
@@ -213,6 +238,7 @@ async fn greet_and_relay(
     key: crate::cancel::ClientKey,
     shared: &Shared,
     on_queries: &(dyn Fn(u64) + Send + Sync),
+    filter: Option<&dyn relay::ClientFilter>,
 ) -> Result<RelayOutcome, ClientError> {
     let mut hello = BytesMut::with_capacity(512);
     messages::auth_ok(&mut hello);
@@ -232,7 +258,7 @@ async fn greet_and_relay(
         cycle: Default::default(),
         stats: Default::default(),
         on_queries,
-        filter: None,
+        filter,
     };
     let end = relay.run(shared.shutdown.clone()).await;
     Ok(RelayOutcome {
@@ -292,4 +318,9 @@ async fn leave_signed_context(
         Some(ctx) => Some(ctx.leave(server).await),
         None => None,
     }
+}
+
+fn is_utf8_name(encoding: &str) -> bool {
+    let e = encoding.trim().to_ascii_lowercase().replace(['-', '_'], "");
+    e == "utf8" || e == "unicode"
 }

@@ -1,0 +1,48 @@
+//! The session's `ClientFilter`: the SQL guard on shared upstreams, with a metric and a log
+//! line per refused statement (never the statement text: it may hold another tenant's data).
+
+use tracing::info;
+
+use crate::isolation::guard::Guard;
+use crate::metrics as m;
+
+use super::relay::{ClientFilter, Refusal};
+
+pub struct GuardFilter<'a> {
+    pub guard: &'a Guard,
+    pub tenant_label: &'a str,
+    pub upstream: &'a str,
+    pub allow_function_call: bool,
+}
+
+impl ClientFilter for GuardFilter<'_> {
+    fn check_sql(&self, sql: &str) -> Option<Refusal> {
+        let violation = self.guard.check(sql).err()?;
+        let rule = violation.rule.label();
+        metrics::counter!(m::ISOLATION_VIOLATIONS_TOTAL, "tenant" => self.tenant_label.to_string(), "rule" => rule)
+            .increment(1);
+        info!(
+            tenant = self.tenant_label,
+            upstream = self.upstream,
+            rule,
+            statement = violation.statement,
+            "statement blocked by the isolation guard"
+        );
+        Some(Refusal {
+            code: "42501",
+            message: violation.rule.message().to_string(),
+        })
+    }
+
+    fn check_function_call(&self) -> Option<Refusal> {
+        if self.allow_function_call {
+            return None;
+        }
+        metrics::counter!(m::ISOLATION_VIOLATIONS_TOTAL, "tenant" => self.tenant_label.to_string(), "rule" => "function_call")
+            .increment(1);
+        Some(Refusal {
+            code: "0A000",
+            message: "pgtenant: FunctionCall messages are not allowed on shared upstreams (allow_function_call = true permits them)".into(),
+        })
+    }
+}
