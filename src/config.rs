@@ -39,6 +39,28 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub doctor: DoctorConfig,
+}
+
+/// `pgtenant serve` runs the doctor's isolation checks on every shared upstream at start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorConfig {
+    /// `refuse` (default): fatal findings stop the start; `warn`: log them; `off`: skip.
+    #[serde(default)]
+    pub on_start: DoctorOnStart,
+    /// Tenant column name in tenant tables. Default `tenant_id`.
+    pub tenant_column: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DoctorOnStart {
+    #[default]
+    Refuse,
+    Warn,
+    Off,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -190,8 +190,10 @@ async fn accept_loop(
     }
 }
 
-/// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+/// Runs until SIGINT or SIGTERM, then shuts down gracefully. Runs the doctor's isolation
+/// checks first (`[doctor] on_start`).
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    doctor_on_start(&config).await?;
     let handle = spawn(config).await?;
     wait_for_signal().await;
     info!("shutting down");
@@ -212,4 +214,40 @@ pub async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+async fn doctor_on_start(config: &Config) -> anyhow::Result<()> {
+    use crate::config::{DoctorOnStart, UpstreamKind};
+    use crate::isolation::doctor;
+    let mode = config.doctor.on_start;
+    let has_shared = config
+        .upstreams
+        .values()
+        .any(|u| u.kind == UpstreamKind::Shared);
+    if mode == DoctorOnStart::Off || !has_shared {
+        return Ok(());
+    }
+    let mut opts = doctor::DoctorOptions::default();
+    if let Some(column) = &config.doctor.tenant_column {
+        opts.tenant_column = column.clone();
+    }
+    // One signed schema for the run: the first upstream in signed mode names it.
+    opts.signed_schema = config
+        .upstreams
+        .values()
+        .find_map(|u| u.signed_context.as_ref().map(|s| s.schema.clone()));
+    let findings = doctor::check_config(config, &opts).await?;
+    for f in findings
+        .iter()
+        .filter(|f| f.severity >= doctor::Severity::Warning)
+    {
+        warn!(upstream = %f.upstream, check = f.check, severity = %f.severity, object = ?f.object, "{}", f.message);
+    }
+    if doctor::has_fatal(&findings) && mode == DoctorOnStart::Refuse {
+        anyhow::bail!(
+            "isolation checks found fatal problems (see above; `pgtenant doctor` for details); \
+             fix them or set [doctor] on_start = \"warn\""
+        );
+    }
+    Ok(())
 }

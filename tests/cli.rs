@@ -118,3 +118,36 @@ fn doctor_passes_the_demo_and_reports_json() {
     assert_eq!(json["summary"]["fatal"], 0, "{json}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&env.demo.jwt_secret));
 }
+
+#[test]
+fn serve_refuses_to_start_on_fatal_isolation_findings() {
+    let env = common::env();
+    let dir = tempfile::tempdir().unwrap();
+    // An unreachable shared upstream cannot be checked: a fatal finding.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&env.demo.config_path).unwrap()
+        + &format!(
+            "\n[upstreams.unreachable]\nkind = \"shared\"\nurl = \"postgres://pgtenant:pw@127.0.0.1:{free}/saas\"\nconnect_timeout = \"1s\"\n"
+        );
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let out = pgtenant()
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .env("PGTENANT_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("isolation checks found fatal problems"),
+        "{err}"
+    );
+    assert!(err.contains("upstream_unchecked"), "{err}");
+    assert!(!err.contains(":pw@"), "password leaked: {err}");
+}
