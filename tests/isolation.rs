@@ -171,7 +171,8 @@ async fn the_guard_refuses_setting_attacks_and_the_session_goes_on() {
         .await
         .unwrap();
 
-    let metrics = http_get(&format!("http://{}/metrics", proxy.admin_addr.unwrap())).await;
+    let (_, metrics) =
+        common::http_get(&format!("http://{}/metrics", proxy.admin_addr.unwrap())).await;
     assert!(
         metrics.contains(
             "pgtenant_isolation_violations_total{tenant=\"medcorp\",rule=\"set_config\"}"
@@ -199,17 +200,4 @@ async fn refusals_keep_pipelined_answers_in_order() {
         c.unwrap().get::<_, i64>(0),
         data::shared("globex").unwrap().customers.len() as i64
     );
-}
-
-async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf
 }

@@ -598,7 +598,7 @@ async fn metrics_and_health_endpoints() {
     let _ = common::try_connect(proxy.addr, "garbage-token").await;
     let get = |path: &str| {
         let url = format!("http://{admin}{path}");
-        async move { http_get(&url).await }
+        async move { common::http_get(&url).await }
     };
     assert!(get("/healthz").await.0 == 200);
     assert!(get("/readyz").await.0 == 200);
@@ -616,25 +616,6 @@ async fn metrics_and_health_endpoints() {
         assert!(body.contains(needle), "missing {needle} in\n{body}");
     }
     assert!(!body.contains(&common::env().demo.jwt_secret));
-}
-
-/// A tiny HTTP/1.0 GET over TCP (no client crate needed for three endpoints).
-async fn http_get(url: &str) -> (u16, String) {
-    use tokio::io::AsyncReadExt;
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,8 +19,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::{
-    AUTHENTICATION_TAG, BACKEND_KEY_DATA_TAG, COPY_IN_RESPONSE_TAG, ERROR_RESPONSE_TAG,
-    NOTICE_RESPONSE_TAG, NOTIFICATION_RESPONSE_TAG, PARAMETER_STATUS_TAG, READY_FOR_QUERY_TAG,
+    AUTHENTICATION_TAG, BACKEND_KEY_DATA_TAG, COPY_IN_RESPONSE_TAG, DATA_ROW_TAG,
+    ERROR_RESPONSE_TAG, NOTICE_RESPONSE_TAG, NOTIFICATION_RESPONSE_TAG, PARAMETER_STATUS_TAG,
+    READY_FOR_QUERY_TAG,
 };
 use postgres_protocol::message::frontend;
 use postgres_protocol::IsNull;
@@ -305,11 +306,27 @@ impl ServerConn {
         if settings.is_empty() {
             return Ok(());
         }
-        let mut out = BytesMut::new();
         let sql = wire::set_config_sql(settings.len());
-        let types = std::iter::repeat_n(wire::TEXT_OID, settings.len() * 2);
-        frontend::parse("", &sql, types, &mut out)?;
-        let values = settings.iter().flat_map(|(name, value)| [*name, *value]);
+        let types: Vec<u32> = std::iter::repeat_n(wire::TEXT_OID, settings.len() * 2).collect();
+        let values: Vec<&str> = settings
+            .iter()
+            .flat_map(|(name, value)| [*name, *value])
+            .collect();
+        self.query_rows(&sql, &types, &values).await.map(drop)
+    }
+
+    /// Parse/Bind/Execute/Sync of `sql` (unnamed statement) with text-format `params` (types
+    /// from `types`; 0 or missing lets the server infer), reading to ReadyForQuery. Returns
+    /// the DataRow bodies. Values travel only as bind parameters, never in the SQL text.
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+        types: &[u32],
+        params: &[&str],
+    ) -> Result<Vec<Bytes>, ServerError> {
+        let mut out = BytesMut::new();
+        frontend::parse("", sql, types.iter().copied(), &mut out)?;
+        let values = params.iter().copied();
         frontend::bind(
             "",
             "",
@@ -328,7 +345,9 @@ impl ServerConn {
         })?;
         frontend::execute("", 0, &mut out)?;
         frontend::sync(&mut out);
-        self.round_trip(&out).await
+        let mut rows = Vec::new();
+        self.round_trip(&out, Some(&mut rows)).await?;
+        Ok(rows)
     }
 
     /// Runs `sql` with the simple query protocol and reads to ReadyForQuery, ignoring rows.
@@ -338,7 +357,7 @@ impl ServerConn {
     pub async fn simple_query(&mut self, sql: &str) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         frontend::query(sql, &mut out)?;
-        self.round_trip(&out).await
+        self.round_trip(&out, None).await
     }
 
     /// Makes the connection clean for the next client: ROLLBACK when not idle, then
@@ -460,7 +479,11 @@ impl ServerConn {
 
     /// Sends `out` and reads to ReadyForQuery. `broken` is true while the exchange is in
     /// flight, so a cancelled or failed exchange leaves the connection marked.
-    async fn round_trip(&mut self, out: &[u8]) -> Result<(), ServerError> {
+    async fn round_trip(
+        &mut self,
+        out: &[u8],
+        mut rows: Option<&mut Vec<Bytes>>,
+    ) -> Result<(), ServerError> {
         if self.broken {
             return Err(ServerError::Protocol("connection is marked broken".into()));
         }
@@ -488,6 +511,11 @@ impl ServerConn {
                     first_error.get_or_insert(e);
                 }
                 PARAMETER_STATUS_TAG => self.record_parameter(&body),
+                DATA_ROW_TAG => {
+                    if let Some(rows) = rows.as_deref_mut() {
+                        rows.push(body);
+                    }
+                }
                 COPY_IN_RESPONSE_TAG => {
                     let mut fail = BytesMut::new();
                     frontend::copy_fail("COPY FROM STDIN is not supported here", &mut fail)?;

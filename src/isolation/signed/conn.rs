@@ -7,16 +7,10 @@
 
 use std::io;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use postgres_protocol::message::backend::{
-    DATA_ROW_TAG, ERROR_RESPONSE_TAG, PARAMETER_STATUS_TAG, READY_FOR_QUERY_TAG,
-};
-use postgres_protocol::message::frontend;
-use postgres_protocol::IsNull;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
 
 use super::SignedContext;
-use crate::pool::wire::{self, ErrorFields, MAX_CONTROL_FRAME, TEXT_OID};
+use crate::pool::wire::TEXT_OID;
 use crate::pool::{ServerConn, ServerError, RESET_TIMEOUT};
 
 /// OID of `int8`.
@@ -122,74 +116,8 @@ pub(super) async fn query_rows(
     types: &[u32],
     params: &[&str],
 ) -> Result<Vec<Row>, ServerError> {
-    if conn.broken {
-        return Err(ServerError::Protocol("connection is marked broken".into()));
-    }
-    if !conn.read_buf.is_empty() {
-        conn.broken = true;
-        return Err(ServerError::Protocol(
-            "unread server data before a control query; state unknown".into(),
-        ));
-    }
-    let mut out = BytesMut::new();
-    frontend::parse("", sql, types.iter().copied(), &mut out)?;
-    frontend::bind(
-        "",
-        "",
-        [0i16], // all parameters in text format
-        params.iter().copied(),
-        |v, buf| {
-            buf.put_slice(v.as_bytes());
-            Ok(IsNull::No)
-        },
-        [0i16], // text results
-        &mut out,
-    )
-    .map_err(|e| match e {
-        frontend::BindError::Conversion(e) => ServerError::Protocol(e.to_string()),
-        frontend::BindError::Serialization(e) => ServerError::Io(e),
-    })?;
-    frontend::execute("", 0, &mut out)?;
-    frontend::sync(&mut out);
-
-    conn.broken = true;
-    conn.stream.write_all(&out).await?;
-    conn.stream.flush().await?;
-    let mut rows = Vec::new();
-    let mut first_error: Option<ErrorFields> = None;
-    loop {
-        let (tag, body) = read_frame(conn).await?;
-        match tag {
-            READY_FOR_QUERY_TAG => {
-                conn.tx_status = body.first().copied().unwrap_or(b'I');
-                break;
-            }
-            ERROR_RESPONSE_TAG => {
-                let e = ErrorFields::parse(&body);
-                if e.ends_session() {
-                    return Err(e.into());
-                }
-                first_error.get_or_insert(e);
-            }
-            DATA_ROW_TAG => rows.push(data_row(&body)?),
-            PARAMETER_STATUS_TAG => {
-                if let Some((name, value)) = wire::parameter_status(&body) {
-                    conn.params.insert(name, value);
-                }
-            }
-            // A control statement never starts COPY.
-            b'G' | b'H' | wire::COPY_BOTH_RESPONSE_TAG => {
-                return Err(ServerError::Protocol(format!(
-                    "unexpected server message '{}' during a tenant context call",
-                    tag.escape_ascii()
-                )))
-            }
-            // ParseComplete, BindComplete, CommandComplete, notices, notifications.
-            _ => {}
-        }
-    }
-    conn.broken = false;
-    first_error.map_or(Ok(rows), |e| Err(e.into()))
+    let bodies = conn.query_rows(sql, types, params).await?;
+    bodies.iter().map(|body| data_row(body)).collect()
 }
 
 /// DataRow body: i16 count, then per field i32 length (-1 = NULL) and bytes.
@@ -212,23 +140,6 @@ fn data_row(body: &[u8]) -> Result<Row, ServerError> {
         rest = tail.get(len..).ok_or_else(bad)?;
     }
     Ok(row)
-}
-
-async fn read_frame(conn: &mut ServerConn) -> Result<(u8, Bytes), ServerError> {
-    loop {
-        if let Some(frame) = wire::split_frame(&mut conn.read_buf, MAX_CONTROL_FRAME)
-            .map_err(ServerError::Protocol)?
-        {
-            return Ok(frame);
-        }
-        conn.read_buf.reserve(8 * 1024);
-        if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
-            return Err(ServerError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "server closed the connection",
-            )));
-        }
-    }
 }
 
 #[cfg(test)]
