@@ -108,12 +108,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                         continue;
                     }
                     read = server_r.read_buf(server_side.buf) => {
-                        match read {
-                            Ok(0) | Err(_) => return RelayEnd::ServerClosed,
-                            Ok(_) => {}
-                        }
                         if let Err(end) = server_side
-                            .forward(&mut client_w, &mut self.cycle, &mut self.stats)
+                            .on_read(read, &mut client_w, &mut self.cycle, &mut self.stats)
                             .await
                         {
                             return end;
@@ -152,12 +148,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                             Ok(n) => off += n,
                         },
                         read = server_r.read_buf(server_side.buf) => {
-                            match read {
-                                Ok(0) | Err(_) => return RelayEnd::ServerClosed,
-                                Ok(_) => {}
-                            }
                             if let Err(end) = server_side
-                                .forward(&mut client_w, &mut self.cycle, &mut self.stats)
+                                .on_read(read, &mut client_w, &mut self.cycle, &mut self.stats)
                                 .await
                             {
                                 return end;

@@ -22,8 +22,23 @@ pub(super) struct ServerSide<'s> {
 }
 
 impl ServerSide<'_> {
+    /// Handles the result of one read from the server: a closed or failed server ends the
+    /// relay; otherwise the new bytes are forwarded.
+    pub async fn on_read<W: AsyncWrite + Unpin>(
+        &mut self,
+        read: std::io::Result<usize>,
+        client_w: &mut W,
+        cycle: &mut Cycle,
+        stats: &mut RelayStats,
+    ) -> Result<(), RelayEnd> {
+        match read {
+            Ok(0) | Err(_) => Err(RelayEnd::ServerClosed),
+            Ok(_) => self.forward(client_w, cycle, stats).await,
+        }
+    }
+
     /// Scans the server's bytes, updates state, and forwards every complete byte.
-    pub async fn forward<W: AsyncWrite + Unpin>(
+    async fn forward<W: AsyncWrite + Unpin>(
         &mut self,
         client_w: &mut W,
         cycle: &mut Cycle,
