@@ -41,6 +41,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub doctor: DoctorConfig,
+    /// The audit trail; absent means no audit.
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditConfig>,
 }
 
 /// `pgtenant serve` runs the doctor's isolation checks on every shared upstream at start.
@@ -251,6 +254,9 @@ pub struct UpstreamConfig {
     /// Let FunctionCall ('F') messages through on a shared upstream. Default false (0A000).
     #[serde(default)]
     pub allow_function_call: bool,
+    /// With `[audit] sink = "tenant"`: this dedicated upstream's events go to this database
+    /// (an insert-only role), not to the central audit database.
+    pub audit_url: Option<String>,
 }
 
 fn yes() -> bool {
@@ -446,6 +452,19 @@ impl Config {
         }
         if let Err(e) = regex::Regex::new(&self.jwt.tenant_pattern) {
             return invalid(format!("jwt.tenant_pattern: {e}"));
+        }
+        if let Some(audit) = &self.audit {
+            audit.validate().map_err(ConfigError::Invalid)?;
+            for (name, up) in &self.upstreams {
+                if let Some(url) = &up.audit_url {
+                    crate::pool::UpstreamTarget::from_url(url).map_err(|e| {
+                        ConfigError::Invalid(format!("upstreams.{name}.audit_url: {e}"))
+                    })?;
+                    if up.kind != UpstreamKind::Dedicated {
+                        return invalid(format!("upstreams.{name}.audit_url is only for dedicated upstreams"));
+                    }
+                }
+            }
         }
         if self.jwt.leeway_secs > 300 {
             return invalid("jwt.leeway_secs above 300 is refused".into());

@@ -14,6 +14,7 @@
 //! - `isolation`: the SQL guard (blocks statements that would change the tenant context)
 //! - `session`: one client: startup → auth → route → checkout → relay
 //! - `server`: listener, accept loop, shutdown
+//! - `audit`: audit events, the local spool, shipping to the audit table
 //! - `metrics`, `admin`: metric names and the HTTP endpoint
 //! - `error`: every error mapped to SQLSTATE at the edge
 //! - `isolation`: `doctor`, the database-side isolation checks of shared upstreams
@@ -25,6 +26,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod cancel;
 pub mod cli;

@@ -1,0 +1,158 @@
+//! What an audit event holds: in memory as the session produces it (`AuditEvent`, cheap to
+//! build on the hot path), and flat as it is spooled and shipped (`AuditRecord`, one row of the
+//! audit table).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of event, as stored in the `event` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A session was authenticated, routed and given a server connection.
+    SessionStart,
+    /// A session ended (duration, bytes, statements).
+    SessionEnd,
+    /// A client failed to authenticate (bad token, unknown tenant, timeout).
+    AuthFailure,
+    /// An authenticated session was refused (pool exhausted, upstream down, context failed,
+    /// audit spool full).
+    SessionRefused,
+    /// A statement ran (level = "statement"): command tag or SQLSTATE.
+    Statement,
+    /// The isolation guard refused a statement.
+    Blocked,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::SessionStart => "session_start",
+            EventKind::SessionEnd => "session_end",
+            EventKind::AuthFailure => "auth_failure",
+            EventKind::SessionRefused => "session_refused",
+            EventKind::Statement => "statement",
+            EventKind::Blocked => "blocked",
+        }
+    }
+}
+
+/// Who and where, shared by every event of one session (one allocation per session).
+#[derive(Debug, Clone, Default)]
+pub struct SessionInfo {
+    /// pgtenant's id for this client connection, unique within the instance.
+    pub session_id: u64,
+    pub tenant: Option<String>,
+    pub user: Option<String>,
+    pub upstream: Option<String>,
+    pub client_addr: Option<SocketAddr>,
+    pub application_name: Option<String>,
+}
+
+/// One event as the session produces it. Statement text is shared (`Arc<str>`), never copied
+/// per execution; the fingerprint and table names are computed off the hot path.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub time: SystemTime,
+    pub kind: EventKind,
+    pub session: Arc<SessionInfo>,
+    pub statement: Option<StatementInfo>,
+    pub success: bool,
+    /// SQLSTATE of the failure, if any.
+    pub sqlstate: Option<String>,
+    /// Why: an auth failure reason, a guard rule, a refusal label.
+    pub reason: Option<String>,
+    /// Session end: the session's totals.
+    pub totals: Option<SessionTotals>,
+    /// Auth failures: the token's `kid`, `jti` and a SHA-256 prefix, never the token.
+    pub token: Option<TokenRef>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatementInfo {
+    /// The text of the Query or prepared statement that ran.
+    pub sql: Arc<str>,
+    /// Which statement of a multi-statement simple Query this is (0-based).
+    pub index: u32,
+    /// `SELECT 5`, `INSERT 0 1`, ...; `None` when it failed.
+    pub command_tag: Option<String>,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionTotals {
+    pub duration: Duration,
+    pub client_bytes: u64,
+    pub server_bytes: u64,
+    pub statements: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TokenRef {
+    pub kid: Option<String>,
+    pub jti: Option<String>,
+    /// First 16 hex digits of SHA-256 over the token: correlates retries, reveals nothing.
+    pub sha256_prefix: Option<String>,
+}
+
+impl AuditEvent {
+    /// An event with only the essentials set; callers fill in the rest.
+    pub fn new(kind: EventKind, session: Arc<SessionInfo>, success: bool) -> Self {
+        AuditEvent {
+            time: SystemTime::now(),
+            kind,
+            session,
+            statement: None,
+            success,
+            sqlstate: None,
+            reason: None,
+            totals: None,
+            token: None,
+        }
+    }
+}
+
+/// One row of the audit table: what is spooled (as JSON) and shipped. Field names are the
+/// table's column names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Unique event key: instance id + sequence. Replays are absorbed by a unique index.
+    pub event_instance: String,
+    pub event_seq: i64,
+    /// Microseconds since the Unix epoch (stored as timestamptz `access_time`).
+    pub access_time_us: i64,
+    pub event: String,
+    pub tenant_id: Option<String>,
+    pub user_id: Option<String>,
+    pub session_id: Option<i64>,
+    pub upstream: Option<String>,
+    pub client_ip: Option<String>,
+    pub client_port: Option<i32>,
+    /// The client's application_name (the seeds' `user_agent`).
+    pub user_agent: Option<String>,
+    /// First table the statement names (schema-qualified as written), if any.
+    pub table_name: Option<String>,
+    /// Every table the statement names.
+    pub tables: Vec<String>,
+    /// SELECT, INSERT, UPDATE, DELETE, ... (first word of the command tag, or of the statement).
+    pub operation: Option<String>,
+    pub success: bool,
+    pub sqlstate: Option<String>,
+    pub command_tag: Option<String>,
+    pub rows: Option<i64>,
+    pub duration_us: Option<i64>,
+    /// Normalized statement fingerprint (hex); literals never reach it.
+    pub fingerprint: Option<String>,
+    /// Statement text, only with `log_statement_text = true`, truncated.
+    pub statement: Option<String>,
+    pub reason: Option<String>,
+    pub token_kid: Option<String>,
+    pub token_jti: Option<String>,
+    pub token_sha256: Option<String>,
+    pub client_bytes: Option<i64>,
+    pub server_bytes: Option<i64>,
+    pub statements: Option<i64>,
+}
