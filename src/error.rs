@@ -32,6 +32,8 @@ pub enum ClientError {
     TooManyClients,
     #[error("pgtenant is shutting down")]
     ShuttingDown,
+    #[error("pgtenant cannot record more audit events (audit spool full, on_full = fail_closed); new sessions are refused until the audit trail drains")]
+    AuditFull,
     #[error("the tenant context could not be established on the server connection")]
     Context(ServerError),
     #[error("the server connection was lost")]
@@ -89,6 +91,7 @@ impl ClientError {
             ClientError::Pool(PoolError::Setup { .. }) => SqlState::CONNECTION_FAILURE,
             ClientError::TooManyClients => SqlState::TOO_MANY_CONNECTIONS,
             ClientError::ShuttingDown => SqlState::ADMIN_SHUTDOWN,
+            ClientError::AuditFull => SqlState::CANNOT_CONNECT_NOW,
             ClientError::Context(ServerError::Db { code, .. }) if code == "28000" => {
                 SqlState::INVALID_AUTHORIZATION_SPECIFICATION
             }
@@ -135,6 +138,7 @@ impl ClientError {
             ClientError::Pool(PoolError::Setup { .. }) => "server_setup",
             ClientError::TooManyClients => "too_many_clients",
             ClientError::ShuttingDown => "shutting_down",
+            ClientError::AuditFull => "audit_full",
             ClientError::Context(_) => "context",
             ClientError::ServerLost => "server_lost",
             ClientError::ClientIo(_) => "client_io",
@@ -172,6 +176,7 @@ mod tests {
                 "08001",
             ),
             (ClientError::ShuttingDown, "57P01"),
+            (ClientError::AuditFull, "57P03"),
             (
                 PoolError::Setup {
                     pool: "shared".into(),

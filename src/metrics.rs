@@ -25,6 +25,17 @@ pub const CANCEL_REQUESTS: &str = "pgtenant_cancel_requests_total";
 pub const BUILD_INFO: &str = "pgtenant_build_info";
 pub const CONTEXT_FAILURES_TOTAL: &str = "pgtenant_context_failures_total";
 pub const ISOLATION_VIOLATIONS_TOTAL: &str = "pgtenant_isolation_violations_total";
+pub const AUDIT_EVENTS_SPOOLED_TOTAL: &str = "pgtenant_audit_events_spooled_total";
+pub const AUDIT_EVENTS_WRITTEN_TOTAL: &str = "pgtenant_audit_events_written_total";
+pub const AUDIT_EVENTS_DUPLICATE_TOTAL: &str = "pgtenant_audit_events_duplicate_total";
+pub const AUDIT_EVENTS_REPLAYED_TOTAL: &str = "pgtenant_audit_events_replayed_total";
+pub const AUDIT_EVENTS_DROPPED_TOTAL: &str = "pgtenant_audit_events_dropped_total";
+pub const AUDIT_SPOOL_BYTES: &str = "pgtenant_audit_spool_bytes";
+pub const AUDIT_SPOOL_EVENTS: &str = "pgtenant_audit_spool_events";
+pub const AUDIT_OLDEST_UNSHIPPED_SECONDS: &str = "pgtenant_audit_oldest_unshipped_seconds";
+pub const AUDIT_BATCH_SECONDS: &str = "pgtenant_audit_batch_seconds";
+pub const AUDIT_SHIP_ERRORS_TOTAL: &str = "pgtenant_audit_ship_errors_total";
+pub const AUDIT_REFUSED_TOTAL: &str = "pgtenant_audit_refused_total";
 
 /// At most this many distinct tenant label values; later tenants share `other`.
 const MAX_TENANT_LABELS: usize = 1000;
@@ -131,6 +142,53 @@ fn describe() {
     describe_counter!(
         CONTEXT_FAILURES_TOTAL,
         "Signed tenant context enter/leave failures, by upstream and step; the connection is destroyed."
+    );
+    describe_counter!(
+        AUDIT_EVENTS_SPOOLED_TOTAL,
+        "Audit events appended to the local spool, by sink."
+    );
+    describe_counter!(
+        AUDIT_EVENTS_WRITTEN_TOTAL,
+        "Audit rows inserted into the audit table, by sink."
+    );
+    describe_counter!(
+        AUDIT_EVENTS_DUPLICATE_TOTAL,
+        "Replayed audit events the table already held (absorbed by the event key), by sink."
+    );
+    describe_counter!(
+        AUDIT_EVENTS_REPLAYED_TOTAL,
+        "Audit events found unshipped in the spool at start and replayed, by sink."
+    );
+    describe_counter!(
+        AUDIT_EVENTS_DROPPED_TOTAL,
+        "Audit events lost, by reason (queue_full, spool_full, spool_io, closed). Alert on any."
+    );
+    describe_gauge!(
+        AUDIT_SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes in the audit spool not yet shipped, by sink."
+    );
+    describe_gauge!(
+        AUDIT_SPOOL_EVENTS,
+        "Audit events in the spool not yet shipped, by sink."
+    );
+    describe_gauge!(
+        AUDIT_OLDEST_UNSHIPPED_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest audit event not yet in the audit table (0 when none), by sink."
+    );
+    describe_histogram!(
+        AUDIT_BATCH_SECONDS,
+        Unit::Seconds,
+        "Time to insert one batch of audit rows, by sink."
+    );
+    describe_counter!(
+        AUDIT_SHIP_ERRORS_TOTAL,
+        "Failed attempts to ship an audit batch (the batch stays spooled and is retried), by sink."
+    );
+    describe_counter!(
+        AUDIT_REFUSED_TOTAL,
+        "Sessions and statements refused because the audit spool was full (fail_closed), by what."
     );
     describe_gauge!(
         BUILD_INFO,

@@ -34,6 +34,8 @@ pub struct Shared {
     pub pre_auth: Arc<Semaphore>,
     pub clients: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
+    /// The audit trail, when `[audit]` is configured.
+    pub audit: Option<Arc<crate::audit::Audit>>,
 }
 
 impl Shared {
@@ -80,6 +82,19 @@ impl ProxyHandle {
                 "shutdown deadline passed with sessions still open; closing them"
             );
         }
+        close_audit(&self.shared, config.limits.shutdown_timeout).await;
+    }
+}
+
+/// Spools every queued audit event and ships what the deadline allows; the rest stays in the
+/// spool for the next start.
+async fn close_audit(shared: &Shared, deadline: std::time::Duration) {
+    if let Some(audit) = &shared.audit {
+        if audit.close(deadline).await {
+            info!("audit trail flushed");
+        } else {
+            warn!("audit events remain in the spool; they are shipped at the next start");
+        }
     }
 }
 
@@ -118,6 +133,17 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
             contexts.insert(name.clone(), Arc::new(ctx));
         }
     }
+    let audit = match &config.audit {
+        Some(audit_config) => {
+            let tenant_urls = config
+                .upstreams
+                .iter()
+                .filter_map(|(name, up)| up.audit_url.clone().map(|url| (name.clone(), url)))
+                .collect();
+            Some(crate::audit::Audit::start(audit_config.clone(), &tenant_urls).context("[audit]")?)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(config.listen.addr)
         .await
         .with_context(|| format!("binding {}", config.listen.addr))?;
@@ -136,6 +162,7 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         cancels: CancelRegistry::default(),
         tls,
         shutdown: shutdown_rx.clone(),
+        audit,
     });
 
     let admin_addr = match shared.config().admin.as_ref() {

@@ -42,12 +42,6 @@ pub struct AuditConfig {
     /// Rows per INSERT into the audit table, at most. Default 2000.
     #[serde(default = "AuditConfig::default_batch_size")]
     pub batch_size: usize,
-    /// The spool writer appends what arrived at least this often. Default 5ms.
-    #[serde(
-        with = "humantime_serde",
-        default = "AuditConfig::default_flush_interval"
-    )]
-    pub flush_interval: Duration,
     /// Store the statement text (truncated to `statement_text_max_bytes`). Default false:
     /// only the normalized fingerprint, which holds no literals.
     #[serde(default)]
@@ -119,9 +113,6 @@ impl AuditConfig {
     }
     fn default_batch_size() -> usize {
         2000
-    }
-    fn default_flush_interval() -> Duration {
-        Duration::from_millis(5)
     }
     fn default_statement_text_max() -> usize {
         1024

@@ -29,6 +29,8 @@ pub const COPY_OUT_RESPONSE: u8 = b'H';
 pub const COPY_BOTH_RESPONSE: u8 = b'W';
 pub const DATA_ROW: u8 = b'D';
 pub const COMMAND_COMPLETE: u8 = b'C';
+pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+pub const PORTAL_SUSPENDED: u8 = b's';
 
 // Startup-phase request codes (in place of a tag).
 pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;

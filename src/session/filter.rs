@@ -6,6 +6,7 @@ use tracing::info;
 use crate::isolation::guard::Guard;
 use crate::metrics as m;
 
+use super::audit_tap::SessionAudit;
 use super::relay::{ClientFilter, Refusal};
 
 pub struct GuardFilter<'a> {
@@ -13,6 +14,8 @@ pub struct GuardFilter<'a> {
     pub tenant_label: &'a str,
     pub upstream: &'a str,
     pub allow_function_call: bool,
+    /// Every refusal is an audit event too.
+    pub audit: Option<&'a SessionAudit>,
 }
 
 impl ClientFilter for GuardFilter<'_> {
@@ -28,10 +31,14 @@ impl ClientFilter for GuardFilter<'_> {
             statement = violation.statement,
             "statement blocked by the isolation guard"
         );
-        Some(Refusal {
+        let refusal = Refusal {
             code: "42501",
             message: violation.rule.message().to_string(),
-        })
+        };
+        if let Some(audit) = self.audit {
+            audit.blocked(sql, &refusal, rule);
+        }
+        Some(refusal)
     }
 
     fn check_function_call(&self) -> Option<Refusal> {
@@ -40,9 +47,13 @@ impl ClientFilter for GuardFilter<'_> {
         }
         metrics::counter!(m::ISOLATION_VIOLATIONS_TOTAL, "tenant" => self.tenant_label.to_string(), "rule" => "function_call")
             .increment(1);
-        Some(Refusal {
+        let refusal = Refusal {
             code: "0A000",
             message: "pgtenant: FunctionCall messages are not allowed on shared upstreams (allow_function_call = true permits them)".into(),
-        })
+        };
+        if let Some(audit) = self.audit {
+            audit.blocked("", &refusal, "function_call");
+        }
+        Some(refusal)
     }
 }

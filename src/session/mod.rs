@@ -1,6 +1,7 @@
 //! One client connection: handshake → JWT → route → checkout (with tenant context) → relay →
 //! release. The per-session decisions live here; bytes move in `relay`.
 
+mod audit_tap;
 mod client;
 mod filter;
 mod handshake;
@@ -14,6 +15,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::audit::{EventKind, SessionTotals};
 use crate::auth::Identity;
 use crate::cancel::CancelTarget;
 use crate::config::UpstreamKind;
@@ -24,6 +26,7 @@ use crate::pool::PooledServer;
 use crate::protocol::messages;
 use crate::server::Shared;
 
+use audit_tap::{AuditGate, FilterChain, SessionAudit};
 use client::ClientConn;
 use handshake::{Hello, Refused, StartupParams};
 use relay::{Relay, RelayEnd};
@@ -41,9 +44,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         handshake::handshake(tcp, peer, &config, shared.tls.clone()),
     )
     .await;
+    let audit = shared.audit.as_deref();
     let (mut conn, params, token) = match hello {
         Err(_elapsed) => {
             m_auth_failure("timeout");
+            if let Some(audit) = audit {
+                audit_tap::auth_failure(audit, peer, None, &ClientError::AuthTimeout);
+            }
             return;
         }
         Ok(Ok(Hello::Gone)) => return,
@@ -53,6 +60,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
         Ok(Err(Refused { conn, error })) => {
             m_auth_failure(error.label());
+            if let Some(audit) = audit {
+                audit_tap::auth_failure(audit, peer, None, &error);
+            }
             if let Some(mut conn) = conn {
                 conn.send_error(&error).await;
             }
@@ -71,6 +81,9 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Err(e) => {
             let error = ClientError::from(e);
             m_auth_failure(error.label());
+            if let Some(audit) = audit {
+                audit_tap::auth_failure(audit, peer, Some(&token), &error);
+            }
             debug!(peer = %peer, reason = error.label(), "authentication failed");
             conn.send_error(&error).await;
             return;
@@ -83,7 +96,12 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         conn.send_error(&ClientError::TooManyClients).await;
         return;
     };
-    if let Err(error) = run_session(&mut conn, &params, &identity, &shared).await {
+    let mut session_audit = shared.audit.clone().map(|audit| {
+        SessionAudit::new(audit, &identity, peer, params.application_name.as_deref())
+    });
+    if let Err(error) =
+        run_session(&mut conn, &params, &identity, &shared, session_audit.as_mut()).await
+    {
         if !matches!(error, ClientError::ClientIo(_)) {
             conn.send_error(&error).await;
         }
@@ -103,11 +121,29 @@ async fn run_session(
     params: &StartupParams,
     identity: &Identity,
     shared: &Shared,
+    mut audit: Option<&mut SessionAudit>,
 ) -> Result<(), ClientError> {
-    let route = shared.router().route(&identity.tenant).inspect_err(|_| {
-        m_auth_failure("unknown_tenant");
-    })?;
+    let route = match shared.router().route(&identity.tenant) {
+        Ok(route) => route,
+        Err(e) => {
+            m_auth_failure("unknown_tenant");
+            let error = ClientError::from(e);
+            if let Some(a) = &audit {
+                a.refused(EventKind::AuthFailure, &error);
+            }
+            return Err(error);
+        }
+    };
     let upstream = route.upstream.clone();
+    if let Some(a) = audit.as_mut() {
+        a.set_upstream(&upstream);
+        if let Err(error) = a.admit() {
+            m_refused(error.label());
+            a.refused(EventKind::SessionRefused, &error);
+            return Err(error);
+        }
+    }
+    let audit = audit.map(|a| &*a);
 
     // Settings applied with bind parameters before any client byte reaches the server:
     // the tenant context (shared upstreams) and the client's allow-listed parameters.
@@ -134,6 +170,9 @@ async fn run_session(
         Err(e) => {
             let error = ClientError::from(e);
             m_refused(error.label());
+            if let Some(a) = audit {
+                a.refused(EventKind::SessionRefused, &error);
+            }
             return Err(error);
         }
     };
@@ -147,6 +186,9 @@ async fn run_session(
             drop(server);
             let error = ClientError::Context(e);
             m_refused(error.label());
+            if let Some(a) = audit {
+                a.refused(EventKind::SessionRefused, &error);
+            }
             return Err(error);
         }
     }
@@ -177,6 +219,9 @@ async fn run_session(
         peer = %conn.peer, application_name = params.application_name.as_deref().unwrap_or(""),
         server = server.id, "session started"
     );
+    if let Some(a) = audit {
+        a.session_start();
+    }
 
     let guard_filter = shared
         .guards
@@ -186,8 +231,28 @@ async fn run_session(
             tenant_label: &tenant_label,
             upstream: &upstream,
             allow_function_call: shared.config().upstreams[&*upstream].allow_function_call,
+            audit,
         });
-    let filter = guard_filter.as_ref().map(|f| f as &dyn relay::ClientFilter);
+    let gate = audit.map(|a| AuditGate { audit: &a.audit });
+    let mut chain = FilterChain { filters: Vec::new() };
+    if let Some(gate) = &gate {
+        chain.filters.push(gate);
+    }
+    if let Some(guard) = &guard_filter {
+        chain.filters.push(guard);
+    }
+    let filter = match chain.filters.len() {
+        0 => None,
+        1 => chain.filters.first().copied(),
+        _ => Some(&chain as &dyn relay::ClientFilter),
+    };
+    let statement_audit = audit.filter(|a| a.statements());
+    let on_statement = |done: relay::CompletedStatement| {
+        if let Some(a) = statement_audit {
+            a.statement(done);
+        }
+    };
+    let started_relay = Instant::now();
     let result = greet_and_relay(
         conn,
         &mut server,
@@ -195,6 +260,7 @@ async fn run_session(
         shared,
         &|n| queries.increment(n),
         filter,
+        statement_audit.map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
     )
     .await;
 
@@ -204,10 +270,16 @@ async fn run_session(
         Ok(outcome) => outcome,
         Err(e) => {
             release(server, false, context.as_deref()).await;
+            if let Some(a) = audit {
+                a.session_end(totals(started_relay, Default::default()), e.label());
+            }
             return Err(e);
         }
     };
     let stats = outcome.stats;
+    if let Some(a) = audit {
+        a.session_end(totals(started_relay, stats), end_label(&outcome.end));
+    }
     info!(
         tenant = %identity.tenant, upstream = %upstream, queries = stats.queries,
         client_bytes = stats.client_bytes, server_bytes = stats.server_bytes,
@@ -220,6 +292,26 @@ async fn run_session(
         RelayEnd::Shutdown => Err(ClientError::ShuttingDown),
         RelayEnd::ServerClosed => Err(ClientError::ServerLost),
         RelayEnd::Terminated | RelayEnd::ClientClosed => Ok(()),
+    }
+}
+
+fn totals(started: Instant, stats: relay::RelayStats) -> SessionTotals {
+    SessionTotals {
+        duration: started.elapsed(),
+        client_bytes: stats.client_bytes,
+        server_bytes: stats.server_bytes,
+        statements: stats.queries,
+    }
+}
+
+/// How a session ended, for its audit event.
+fn end_label(end: &RelayEnd) -> &'static str {
+    match end {
+        RelayEnd::Terminated => "terminated",
+        RelayEnd::ClientClosed => "client_closed",
+        RelayEnd::ClientViolation(e) => e.label(),
+        RelayEnd::ServerClosed => "server_closed",
+        RelayEnd::Shutdown => "shutdown",
     }
 }
 
@@ -239,6 +331,7 @@ async fn greet_and_relay(
     shared: &Shared,
     on_queries: &(dyn Fn(u64) + Send + Sync),
     filter: Option<&dyn relay::ClientFilter>,
+    on_statement: Option<&(dyn Fn(relay::CompletedStatement) + Send + Sync)>,
 ) -> Result<RelayOutcome, ClientError> {
     let mut hello = BytesMut::with_capacity(512);
     messages::auth_ok(&mut hello);
@@ -255,10 +348,11 @@ async fn greet_and_relay(
         client_buf: &mut conn.read_buf,
         server,
         max_client_frame: config.limits.max_client_frame_bytes,
-        cycle: Default::default(),
+        cycle: relay::Cycle::with_tracking(on_statement.is_some()),
         stats: Default::default(),
         on_queries,
         filter,
+        on_statement,
     };
     let end = relay.run(shared.shutdown.clone()).await;
     Ok(RelayOutcome {

@@ -87,6 +87,11 @@ pub fn config(tweak: impl FnOnce(&mut Config)) -> Config {
     if let Some(admin) = cfg.admin.as_mut() {
         admin.addr = "127.0.0.1:0".parse().expect("addr");
     }
+    // Every proxy gets a spool of its own: a spool directory is locked by its process.
+    if let Some(audit) = cfg.audit.as_mut() {
+        let dir = tempfile::tempdir().expect("spool dir");
+        audit.spool_dir = dir.keep();
+    }
     tweak(&mut cfg);
     cfg.validate().expect("test config valid");
     cfg

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
@@ -15,12 +16,19 @@ use crate::protocol::frame::{take_cstr, FrameError, FrameScanner, ScanEvent};
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::tags;
 
+use super::statements::StatementTracker;
+
 /// Decides whether a client statement may reach the server.
 pub trait ClientFilter: Send + Sync {
     /// SQL text of a simple Query or a Parse. `Some` refuses it.
     fn check_sql(&self, sql: &str) -> Option<Refusal>;
     /// A FunctionCall ('F') message. `Some` refuses it.
     fn check_function_call(&self) -> Option<Refusal>;
+    /// A Bind or Execute (running a statement prepared earlier). `Some` refuses it, and the
+    /// rest of the batch until Sync, as PostgreSQL does after an error.
+    fn check_execution(&self) -> Option<Refusal> {
+        None
+    }
 }
 
 /// pgtenant's answer to a refused message: an ERROR (the session goes on).
@@ -64,6 +72,8 @@ pub struct Cycle {
     /// Extended-protocol messages forwarded since the last Sync.
     unsynced: bool,
     discarding: Option<Discard>,
+    /// Follows statements to their results (audit at statement level); `None` when off.
+    pub tracker: Option<Box<StatementTracker>>,
 }
 
 /// What to do with a batch of client bytes.
@@ -108,6 +118,14 @@ impl ClientPlan {
 }
 
 impl Cycle {
+    /// A cycle that follows statements to their results (for the audit trail) when `tracking`.
+    pub fn with_tracking(tracking: bool) -> Self {
+        Cycle {
+            tracker: tracking.then(Box::default),
+            ..Default::default()
+        }
+    }
+
     /// Nothing in flight and nothing half-sent: the server connection is between requests.
     pub fn idle(&self) -> bool {
         self.expects.is_empty() && !self.unsynced && self.discarding.is_none()
@@ -123,13 +141,28 @@ impl Cycle {
         let mut plan = ClientPlan::default();
         let discarding = std::cell::Cell::new(self.discarding.is_some());
         let inspect = filter.is_some();
+        let tracking = self.tracker.is_some();
+        let now = Instant::now();
         let mut stop_at = None;
         let scanned = scan.scan(
             buf,
             |tag| {
                 discarding.get()
                     || tag == tags::TERMINATE
-                    || (inspect && matches!(tag, tags::QUERY | tags::PARSE | tags::FUNCTION_CALL))
+                    || (inspect
+                        && matches!(
+                            tag,
+                            tags::QUERY
+                                | tags::PARSE
+                                | tags::FUNCTION_CALL
+                                | tags::BIND
+                                | tags::EXECUTE
+                        ))
+                    || (tracking
+                        && matches!(
+                            tag,
+                            tags::QUERY | tags::PARSE | tags::BIND | tags::EXECUTE | tags::CLOSE
+                        ))
             },
             |event| {
                 if stop_at.is_some() {
@@ -143,7 +176,7 @@ impl Cycle {
                     } => stop_at = Some(at),
                     ScanEvent::Whole { tag, at, body } => {
                         let frame = at..at + 5 + body.len();
-                        self.on_whole(tag, frame, body, filter, &mut plan);
+                        self.on_whole(tag, frame, body, filter, now, &mut plan);
                         discarding.set(self.discarding.is_some());
                     }
                     ScanEvent::Header { tag, .. } => self.on_streamed(tag, &mut plan),
@@ -164,11 +197,11 @@ impl Cycle {
     fn on_streamed(&mut self, tag: u8, plan: &mut ClientPlan) {
         match tag {
             tags::QUERY | tags::FUNCTION_CALL => {
-                self.expects.push_back(Expect::Server);
+                self.expect_server(Expect::Server);
                 plan.queries += 1;
             }
             tags::SYNC => {
-                self.expects.push_back(Expect::Server);
+                self.expect_server(Expect::Server);
                 self.unsynced = false;
                 plan.queries += 1;
             }
@@ -189,6 +222,7 @@ impl Cycle {
         frame: Range<usize>,
         body: &[u8],
         filter: Option<&dyn ClientFilter>,
+        now: Instant,
         plan: &mut ClientPlan,
     ) {
         if let Some(discard) = self.discarding.take() {
@@ -200,8 +234,7 @@ impl Cycle {
             plan.queries += 1;
             self.unsynced = false;
             if discard.forward_sync {
-                self.expects
-                    .push_back(Expect::ServerWithError(discard.error));
+                self.expect_server(Expect::ServerWithError(discard.error));
             } else {
                 plan.dropped.push(frame);
                 self.expects.push_back(Expect::Local(discard.error));
@@ -212,10 +245,11 @@ impl Cycle {
             (tags::QUERY, Some(f)) => sql_of(body, false).and_then(|sql| f.check_sql(sql)),
             (tags::PARSE, Some(f)) => sql_of(body, true).and_then(|sql| f.check_sql(sql)),
             (tags::FUNCTION_CALL, Some(f)) => f.check_function_call(),
+            (tags::BIND | tags::EXECUTE, Some(f)) => f.check_execution(),
             _ => None,
         };
         match (tag, refusal) {
-            (tags::PARSE, Some(refusal)) => {
+            (tags::PARSE | tags::BIND | tags::EXECUTE, Some(refusal)) => {
                 plan.dropped.push(frame);
                 self.discarding = Some(Discard {
                     error: refusal.error_response(),
@@ -228,7 +262,20 @@ impl Cycle {
                 self.expects
                     .push_back(Expect::Local(refusal.error_response()));
             }
-            _ => self.on_streamed(tag, plan),
+            _ => {
+                if let Some(tracker) = self.tracker.as_mut() {
+                    tracker.on_client_frame(tag, body, now);
+                }
+                self.on_streamed(tag, plan)
+            }
+        }
+    }
+
+    /// The server will answer with ReadyForQuery.
+    fn expect_server(&mut self, expect: Expect) {
+        self.expects.push_back(expect);
+        if let Some(tracker) = self.tracker.as_mut() {
+            tracker.expect_ready();
         }
     }
 

@@ -10,8 +10,10 @@
 
 mod cycle;
 mod server_side;
+pub mod statements;
 
 pub use cycle::{ClientFilter, ClientPlan, Cycle, Refusal};
+pub use statements::{CompletedStatement, StatementTracker};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -64,6 +66,8 @@ pub struct Relay<'a, C> {
     pub on_queries: &'a (dyn Fn(u64) + Send + Sync),
     /// Inspects client statements (shared upstreams); `None` forwards everything.
     pub filter: Option<&'a dyn ClientFilter>,
+    /// Receives every statement the server completed, when `cycle.tracker` is set (audit).
+    pub on_statement: Option<&'a (dyn Fn(CompletedStatement) + Send + Sync)>,
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
@@ -108,10 +112,11 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                         continue;
                     }
                     read = server_r.read_buf(server_side.buf) => {
-                        if let Err(end) = server_side
+                        let forwarded = server_side
                             .on_read(read, &mut client_w, &mut self.cycle, &mut self.stats)
-                            .await
-                        {
+                            .await;
+                        report_statements(&mut self.cycle, self.on_statement);
+                        if let Err(end) = forwarded {
                             return end;
                         }
                         continue;
@@ -148,10 +153,11 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                             Ok(n) => off += n,
                         },
                         read = server_r.read_buf(server_side.buf) => {
-                            if let Err(end) = server_side
+                            let forwarded = server_side
                                 .on_read(read, &mut client_w, &mut self.cycle, &mut self.stats)
-                                .await
-                            {
+                                .await;
+                            report_statements(&mut self.cycle, self.on_statement);
+                            if let Err(end) = forwarded {
                                 return end;
                             }
                         }
@@ -174,6 +180,18 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             if plan.terminate {
                 return RelayEnd::Terminated;
             }
+        }
+    }
+}
+
+/// Hands the statements the server completed to the audit callback.
+fn report_statements(
+    cycle: &mut Cycle,
+    on_statement: Option<&(dyn Fn(CompletedStatement) + Send + Sync)>,
+) {
+    if let (Some(tracker), Some(report)) = (cycle.tracker.as_mut(), on_statement) {
+        for done in tracker.completed.drain(..) {
+            report(done);
         }
     }
 }

@@ -46,19 +46,38 @@ impl ServerSide<'_> {
     ) -> Result<(), RelayEnd> {
         let params = &mut *self.params;
         let tx_status = &mut *self.tx_status;
+        let tracking = cycle.tracker.is_some();
+        let now = std::time::Instant::now();
         // (offset, bytes) to insert; rare: only around refused statements.
         let mut splices: Vec<(usize, Bytes)> = Vec::new();
         let n = self
             .scan
             .scan(
                 self.buf,
-                |tag| tag == tags::READY_FOR_QUERY || tag == tags::PARAMETER_STATUS,
+                |tag| {
+                    tag == tags::READY_FOR_QUERY
+                        || tag == tags::PARAMETER_STATUS
+                        || (tracking
+                            && matches!(
+                                tag,
+                                tags::COMMAND_COMPLETE
+                                    | tags::ERROR_RESPONSE
+                                    | tags::EMPTY_QUERY_RESPONSE
+                                    | tags::PORTAL_SUSPENDED
+                            ))
+                },
                 |event| {
                     let ScanEvent::Whole { tag, at, body } = event else {
                         return;
                     };
-                    if tag != tags::READY_FOR_QUERY {
+                    if let Some(tracker) = cycle.tracker.as_mut() {
+                        tracker.on_server_frame(tag, body, now);
+                    }
+                    if tag == tags::PARAMETER_STATUS {
                         record_parameter(params, body);
+                        return;
+                    }
+                    if tag != tags::READY_FOR_QUERY {
                         return;
                     }
                     if let Some(status) = body.first() {
