@@ -14,4 +14,9 @@ pub mod ship;
 pub mod spool;
 
 pub use config::{AuditConfig, AuditLevel, AuditSink, FsyncMode, OnFull};
-pub use event::{AuditEvent, AuditRecord, EventKind, SessionInfo, SessionTotals, StatementInfo, TokenRef};
+pub use event::{
+    AuditEvent, AuditRecord, EventKind, SessionInfo, SessionTotals, StatementInfo, TokenRef,
+};
+
+#[cfg(test)]
+pub(crate) mod tests;
