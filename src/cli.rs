@@ -1,4 +1,4 @@
-//! Command line: `serve`, `token`, `check-config`, `demo`.
+//! Command line: `serve`, `token`, `check-config`, `demo`, `doctor`, `rls`, `audit`.
 
 use std::path::PathBuf;
 
@@ -49,6 +49,37 @@ pub enum Command {
     /// The signed tenant context (`context = "signed"`): print, install, rotate keys.
     #[command(subcommand)]
     Rls(RlsCommand),
+    /// The audit table: print its DDL, or create it and its insert-only writer role.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the table DDL and the writer role's grants for review.
+    Sql {
+        /// Table name, optionally schema-qualified (unqualified means `public`).
+        #[arg(long, default_value = "audit_tenant_access")]
+        table: String,
+        /// The role the proxy ships events as (INSERT only).
+        #[arg(long, default_value = "pgtenant_audit")]
+        writer_role: String,
+    },
+    /// Create (idempotently) the audit table and the writer role of `[audit] url`, and with
+    /// `sink = "tenant"` of every dedicated upstream's `audit_url`.
+    Init {
+        #[arg(
+            long,
+            short,
+            env = "PGTENANT_CONFIG",
+            default_value = "config/pgtenant.toml"
+        )]
+        config: PathBuf,
+        /// Superuser (or CREATEROLE + CREATEDB) connection, URL or key=value. Its host and
+        /// credentials are used; the database is each audit URL's.
+        #[arg(long, env = "PGTENANT_ADMIN_URL")]
+        admin_url: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -288,4 +319,36 @@ fn print_new_key(key: Option<&crate::isolation::signed::NewKey>) {
         },
         None => println!("valid keys exist; none created"),
     }
+}
+
+/// `pgtenant audit ...`. Prints names and what was done, never a password.
+pub async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
+    use crate::audit::schema;
+    match cmd {
+        AuditCommand::Sql { table, writer_role } => {
+            let table = schema::TableName::parse(&table).map_err(anyhow::Error::msg)?;
+            schema::check_role(&writer_role)?;
+            print!("{}", audit_sql(&table, &writer_role));
+        }
+        AuditCommand::Init { config, admin_url } => {
+            let config = Config::load(&config)?;
+            for (label, report) in schema::init_config(&config, &admin_url).await? {
+                println!("{label}: {report}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The script `pgtenant audit sql` prints: one transaction, reviewable and runnable with psql.
+fn audit_sql(table: &crate::audit::schema::TableName, writer_role: &str) -> String {
+    use crate::audit::schema::{grants_sql, quote_ident, table_sql};
+    format!(
+        "-- pgtenant audit table {table}; writer role {role} (create it first:\n\
+         --   CREATE ROLE {role} LOGIN PASSWORD '...'; or use `pgtenant audit init`)\n\
+         BEGIN;\n{}{}COMMIT;\n",
+        table_sql(table),
+        grants_sql(table, writer_role),
+        role = quote_ident(writer_role),
+    )
 }

@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => runtime(None)?.block_on(pgtenant::demo::run(args)),
         Command::Rls(cmd) => runtime(None)?.block_on(pgtenant::cli::rls(cmd)),
+        Command::Audit(cmd) => runtime(None)?.block_on(pgtenant::cli::audit(cmd)),
         Command::Doctor(args) => {
             if runtime(None)?.block_on(pgtenant::cli::doctor(args))? {
                 std::process::exit(1);

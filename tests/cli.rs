@@ -151,3 +151,90 @@ fn serve_refuses_to_start_on_fatal_isolation_findings() {
     assert!(err.contains("upstream_unchecked"), "{err}");
     assert!(!err.contains(":pw@"), "password leaked: {err}");
 }
+
+#[test]
+fn audit_sql_prints_the_ddl_and_insert_only_grants() {
+    let out = pgtenant()
+        .args([
+            "audit",
+            "sql",
+            "--table",
+            "compliance.trail",
+            "--writer-role",
+            "shipper",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sql = String::from_utf8(out.stdout).unwrap();
+    for part in [
+        "BEGIN;",
+        "CREATE SCHEMA IF NOT EXISTS \"compliance\";",
+        "CREATE TABLE IF NOT EXISTS \"compliance\".\"trail\"",
+        "(event_instance, event_seq)",
+        "REVOKE ALL ON TABLE \"compliance\".\"trail\" FROM PUBLIC, \"shipper\";",
+        "GRANT INSERT ON TABLE \"compliance\".\"trail\" TO \"shipper\";",
+        "COMMIT;",
+    ] {
+        assert!(sql.contains(part), "{part} missing in\n{sql}");
+    }
+    let bad = pgtenant()
+        .args(["audit", "sql", "--table", "a;drop"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+/// `audit init` with `sink = "tenant"`: the central database and the dedicated upstream's
+/// own, each with its writer; passwords never printed.
+#[test]
+fn audit_init_sets_up_every_audit_database_of_the_config() {
+    let pg = pgtenant::embedded_pg::TempPg::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("audit.toml");
+    let url = |user: &str, pw: &str, db: &str| pg.tcp_url(user, pw, db);
+    std::fs::write(
+        &cfg,
+        format!(
+            "[listen]\naddr = \"127.0.0.1:0\"\n\
+             [jwt]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+             [upstreams.acme]\nkind = \"dedicated\"\nurl = \"{}\"\naudit_url = \"{}\"\n\
+             [audit]\nurl = \"{}\"\nsink = \"tenant\"\n",
+            url("app", "apppw", "acme"),
+            url("acme_audit", "acmesecret1", "acme_audit"),
+            url("central_audit", "centralsecret2", "audit"),
+        ),
+    )
+    .unwrap();
+    let admin = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        pg.socket_dir.display(),
+        pg.port
+    );
+    for round in 0..2 {
+        let out = pgtenant()
+            .args(["audit", "init", "--config"])
+            .arg(&cfg)
+            .env("PGTENANT_ADMIN_URL", &admin)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "round {round}: {stdout}\n{stderr}");
+        assert!(
+            stdout.contains("[audit] url") && stdout.contains("central_audit"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("upstreams.acme.audit_url") && stdout.contains("acme_audit"),
+            "{stdout}"
+        );
+        for secret in ["acmesecret1", "centralsecret2"] {
+            assert!(!stdout.contains(secret) && !stderr.contains(secret));
+        }
+    }
+}

@@ -237,3 +237,6 @@ impl Audit {
         finished
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

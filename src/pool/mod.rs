@@ -31,6 +31,7 @@ pub use checkout::{
 pub use manager::{ServerConnManager, UPSTREAM_CONNECT_ERRORS};
 pub use server_conn::{ServerConn, ServerError, APPLICATION_NAME, RESET_TIMEOUT};
 pub use target::UpstreamTarget;
+pub(crate) use tls::encrypt_only_client_config;
 pub use tls::{ServerStream, ServerTls};
 
 #[cfg(test)]

@@ -95,6 +95,17 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
+/// A client config that encrypts without authenticating the server (libpq's
+/// `sslmode=require`), for connections outside the pools (the audit database).
+pub(crate) fn encrypt_only_client_config() -> Result<ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+        .with_no_client_auth())
+}
+
 /// Accepts any server certificate but still checks the handshake signatures, so the
 /// session keys are bound to the presented certificate's key. Used only without a CA file.
 #[derive(Debug)]
