@@ -17,7 +17,15 @@ const WRITER: &str = "pgtenant_audit";
 const WRITER_PASSWORD: &str = "audit-writer-pw-3f9a";
 
 /// An audit database `audit` on `pg` with table `table`, set up by `pgtenant audit init`'s code.
+/// The demo cluster already has the writer role (with the demo's password); a fresh cluster
+/// gets it with `WRITER_PASSWORD`.
 async fn audit_db(pg: &TempPg, table: &str) -> String {
+    let demo = common::env();
+    let password = if std::ptr::eq(pg, demo.pg) {
+        demo.demo.logins[WRITER].clone()
+    } else {
+        WRITER_PASSWORD.to_string()
+    };
     let admin = pg.admin_client("postgres").await.unwrap();
     let exists = admin
         .query_opt("SELECT 1 FROM pg_database WHERE datname = 'audit'", &[])
@@ -27,7 +35,7 @@ async fn audit_db(pg: &TempPg, table: &str) -> String {
         // Tests of one binary race here; a concurrent creation is fine.
         let _ = admin.batch_execute("CREATE DATABASE audit").await;
     }
-    let url = pg.tcp_url(WRITER, WRITER_PASSWORD, "audit");
+    let url = pg.tcp_url(WRITER, &password, "audit");
     let table = pgtenant::audit::schema::TableName::parse(table).unwrap();
     // Concurrent inits of the same role may collide once; the second attempt sees it.
     let mut last = None;
@@ -464,7 +472,11 @@ async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let spool: PathBuf = dir.path().join("spool");
     let (addr, admin) = (free_addr(), free_addr());
+    // The demo's own [audit] section is replaced by this test's.
     let mut text = env.demo.config_text.clone();
+    if let Some(at) = text.find("\n[audit]") {
+        text.truncate(at);
+    }
     text = text.replacen(&format!("addr = \"{}\"", env.demo.listen), &format!("addr = \"{addr}\""), 1);
     text = text.replacen(&format!("addr = \"{}\"", env.demo.admin), &format!("addr = \"{admin}\""), 1);
     text.push_str(&format!(

@@ -17,6 +17,10 @@ pub const POOL_ROLE: &str = "pgtenant";
 pub const MD5_ROLE: &str = "md5_user";
 /// Same grants as the pool role; checked with `password` (cleartext over the wire).
 pub const CLEARTEXT_ROLE: &str = "clear_user";
+/// The audit database, its table (the seeds' name) and the insert-only role that writes it.
+pub const AUDIT_DATABASE: &str = "audit";
+pub const AUDIT_TABLE: &str = "audit_tenant_access";
+pub const AUDIT_ROLE: &str = "pgtenant_audit";
 /// Every shared-database customer has this many invoices.
 pub const INVOICES_PER_CUSTOMER: usize = 2;
 

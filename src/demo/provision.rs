@@ -13,7 +13,7 @@ use rand::distributions::{Alphanumeric, DistString};
 use rand::RngCore;
 
 use super::data::{
-    DedicatedTenant, CLEARTEXT_ROLE, DEDICATED, INVOICES_PER_CUSTOMER, MD5_ROLE, POOL_ROLE, SHARED,
+    DedicatedTenant, AUDIT_DATABASE, AUDIT_ROLE, AUDIT_TABLE, CLEARTEXT_ROLE, DEDICATED, INVOICES_PER_CUSTOMER, MD5_ROLE, POOL_ROLE, SHARED,
     SHARED_DATABASE, SHARED_OWNER, SHARED_UPSTREAM, TENANT_SETTING,
 };
 use crate::embedded_pg::TempPg;
@@ -49,6 +49,8 @@ pub struct DemoEnv {
     pub admin: SocketAddr,
     /// Login role → password, for every role provisioned (tests connect directly with these).
     pub logins: BTreeMap<String, String>,
+    /// Superuser conninfo (unix socket) of the audit database, for reading the audit table.
+    pub audit_conninfo: String,
 }
 
 /// Creates roles, databases, tables, RLS and rows in `pg` (a fresh cluster: roles that
@@ -85,6 +87,7 @@ pub async fn provision(
         }
     }
     seed_shared(pg).await?;
+    init_audit(pg, &logins).await?;
 
     let jwt_secret = random_hex(48);
     let tls_cert = workdir.join(TLS_CERT_FILE);
@@ -105,6 +108,7 @@ pub async fn provision(
         listen,
         admin,
         logins,
+        audit_conninfo: admin_conninfo(pg, AUDIT_DATABASE),
     };
     env.config_text = render_config(pg, &env, &secret_file);
     write_private(&env.config_path, &env.config_text)?;
@@ -183,14 +187,43 @@ pub fn instructions(env: &DemoEnv, proxy_port: u16, mint: &dyn Fn(&str, &str) ->
             conninfo(s.demo_user, SHARED_DATABASE)
         );
     }
+    let _ = writeln!(
+        out,
+        "\nAudit trail (every session and statement above, written by pgtenant's insert-only role):"
+    );
+    let _ = writeln!(
+        out,
+        "  psql \"{}\" -c 'SELECT access_time, tenant_id, user_id, event, operation, table_name, success, sqlstate FROM {AUDIT_TABLE} ORDER BY access_time DESC LIMIT 20'",
+        env.audit_conninfo
+    );
     out
+}
+
+/// The superuser over the cluster's unix socket (`trust`), as a libpq conninfo.
+fn admin_conninfo(pg: &TempPg, dbname: &str) -> String {
+    format!(
+        "host={} port={} user=postgres dbname={dbname}",
+        pg.socket_dir.display(),
+        pg.port
+    )
+}
+
+/// The audit database, its table and the insert-only writer role, exactly as
+/// `pgtenant audit init` makes them.
+async fn init_audit(pg: &TempPg, logins: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let url = pg.tcp_url(AUDIT_ROLE, password(logins, AUDIT_ROLE)?, AUDIT_DATABASE);
+    let table = crate::audit::schema::TableName::parse(AUDIT_TABLE).map_err(anyhow::Error::msg)?;
+    crate::audit::schema::init(&admin_conninfo(pg, "postgres"), &url, &table)
+        .await
+        .context("creating the demo audit database")?;
+    Ok(())
 }
 
 /// Alphanumeric passwords for every login role.
 fn new_logins() -> BTreeMap<String, String> {
     let mut rng = rand::thread_rng();
     let mut roles: Vec<&str> = DEDICATED.iter().map(|d| d.role).collect();
-    roles.extend([POOL_ROLE, MD5_ROLE, CLEARTEXT_ROLE]);
+    roles.extend([POOL_ROLE, MD5_ROLE, CLEARTEXT_ROLE, AUDIT_ROLE]);
     roles
         .into_iter()
         .map(|r| (r.to_owned(), Alphanumeric.sample_string(&mut rng, 24)))
@@ -460,6 +493,13 @@ fn render_config(pg: &TempPg, env: &DemoEnv, secret_file: &Path) -> String {
     for d in DEDICATED {
         let _ = writeln!(s, "{} = {}", d.tenant, q(d.tenant));
     }
+    let _ = writeln!(
+        s,
+        "\n[audit]\nurl = {}\ntable = {}\nlevel = \"statement\"\nspool_dir = {}\non_full = \"fail_closed\"",
+        url(AUDIT_ROLE, AUDIT_DATABASE),
+        q(AUDIT_TABLE),
+        p(&env.workdir.join("audit-spool"))
+    );
     s
 }
 

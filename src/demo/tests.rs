@@ -246,6 +246,7 @@ fn instructions_name_every_tenant_with_its_token() {
         listen: "0.0.0.0:6432".parse().unwrap(),
         admin: "127.0.0.1:9930".parse().unwrap(),
         logins: BTreeMap::new(),
+        audit_conninfo: "host=/s port=5 user=postgres dbname=audit".into(),
     };
     let text = instructions(&env, 7000, &|tenant, user| {
         format!("TOKEN[{tenant}|{user}]")
@@ -268,6 +269,11 @@ fn instructions_name_every_tenant_with_its_token() {
     );
     assert!(
         text.contains("pgbench -n -S") && text.contains("-p 7000 -U bench bench_db"),
+        "{text}"
+    );
+    assert!(
+        text.contains("psql \"host=/s port=5 user=postgres dbname=audit\"")
+            && text.contains("FROM audit_tenant_access"),
         "{text}"
     );
 }
