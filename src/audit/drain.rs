@@ -100,7 +100,7 @@ impl Drain {
                     metrics::counter!(m::AUDIT_SHIP_ERRORS_TOTAL, "sink" => self.label.clone())
                         .increment(1);
                     // One line per outage and then every 50 tries, not one per retry.
-                    if failures == 1 || failures % 50 == 0 {
+                    if failures == 1 || failures.is_multiple_of(50) {
                         warn!(sink = %self.label, error = %e, failures, "shipping audit events failed; they stay in the spool");
                     }
                 }

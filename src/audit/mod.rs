@@ -58,9 +58,8 @@ pub(crate) struct AuditShared {
 /// The running audit trail. Cheap to share; `record` is the only call on the hot path.
 pub struct Audit {
     config: Arc<AuditConfig>,
-    tx: Mutex<Option<Sender<AuditEvent>>>,
-    /// A clone of the sender per session would cost nothing either; one shared sender behind
-    /// an uncontended lock is simpler to close at shutdown.
+    /// `Sender` is `Sync`: sessions push without a lock.
+    tx: Sender<AuditEvent>,
     shared: Arc<AuditShared>,
     next_session: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -145,7 +144,7 @@ impl Audit {
             .collect();
         Ok(Arc::new(Audit {
             config,
-            tx: Mutex::new(Some(tx)),
+            tx,
             shared,
             next_session: AtomicU64::new(1),
             writer: Mutex::new(Some(writer)),
@@ -169,16 +168,16 @@ impl Audit {
     /// Queues an event. Never blocks; when the queue is at capacity the event is dropped and
     /// counted (with `fail_closed`, `accepting()` is false long before that for new work).
     pub fn record(&self, event: AuditEvent) {
+        if self.shared.writer_done.load(Ordering::Acquire) {
+            self.count_drop("closed");
+            return;
+        }
         if self.shared.queued.load(Ordering::Acquire) >= self.config.queue_capacity {
             self.count_drop("queue_full");
             return;
         }
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        let sent = match self.tx.lock() {
-            Ok(tx) => tx.as_ref().map(|tx| tx.send(event).is_ok()).unwrap_or(false),
-            Err(_) => false,
-        };
-        if !sent {
+        if self.tx.send(event).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             self.count_drop("closed");
         }
@@ -217,9 +216,6 @@ impl Audit {
     pub async fn close(&self, deadline: Duration) -> bool {
         let started = Instant::now();
         self.shared.closing.store(true, Ordering::Release);
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
         let writer = self.writer.lock().ok().and_then(|mut w| w.take());
         if let Some(writer) = writer {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;

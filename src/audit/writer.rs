@@ -224,7 +224,7 @@ fn append(target: &mut SpoolTarget, records: &[Vec<u8>], shared: &AuditShared, c
         // fail_closed: keep these events and wait for the shipper to make room; new
         // sessions and statements are refused meanwhile (see `Audit::accepting`).
         let since = *waiting_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > Duration::from_secs(60) && since.elapsed().as_secs() % 60 == 0 {
+        if since.elapsed() > Duration::from_secs(60) && since.elapsed().as_secs().is_multiple_of(60) {
             warn!(sink = %target.label, "audit spool still full; statements are being refused");
         }
         std::thread::sleep(Duration::from_millis(20));
