@@ -561,6 +561,23 @@ acme = "acme"
     }
 
     #[test]
+    fn the_shipped_example_parses_and_validates() {
+        for var in [
+            "PGTENANT_SHARED_PASSWORD",
+            "PGTENANT_ACME_PASSWORD",
+            "PGTENANT_AUDIT_PASSWORD",
+        ] {
+            std::env::set_var(var, "example-pw");
+        }
+        let text = include_str!("../config/pgtenant.example.toml");
+        let cfg = Config::parse(text).unwrap();
+        cfg.validate().unwrap();
+        let audit = cfg.audit.unwrap();
+        assert_eq!(audit.table, "audit_tenant_access");
+        assert_eq!(audit.on_full, crate::audit::OnFull::FailClosed);
+    }
+
+    #[test]
     fn unknown_upstream_in_tenant_map_is_rejected() {
         let bad = SAMPLE.replace("acme = \"acme\"", "acme = \"nope\"");
         let err = Config::parse(&bad).unwrap().validate().unwrap_err();

@@ -143,11 +143,11 @@ const COLUMN_COMMENTS: &[(&str, &str)] = &[
     ),
     (
         "table_name",
-        "First table the statement names, schema-qualified as written. NULL when it names none.",
+        "The table the statement writes, else the first it reads (schema-qualified as written). NULL when it names none.",
     ),
     (
         "operation",
-        "SELECT, INSERT, UPDATE, DELETE, ... (statement events); NULL for session events.",
+        "SELECT, INSERT, UPDATE, DELETE, ... for statements; CONNECT, DISCONNECT, AUTHENTICATE for session events.",
     ),
     (
         "success",
