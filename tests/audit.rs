@@ -528,3 +528,38 @@ async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
     second.child.kill().unwrap();
     second.child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_sink_keeps_a_dedicated_tenants_events_in_its_own_database() {
+    let env = common::env();
+    let central_table = "audit_central_sink";
+    let central = audit_db(env.pg, central_table).await;
+    // acme's own database gets the table too, written by the same insert-only role.
+    let acme_url = env.pg.tcp_url(WRITER, &env.demo.logins[WRITER], "acme_db");
+    pgtenant::audit::schema::init(
+        &admin_url(env.pg),
+        &acme_url,
+        &pgtenant::audit::schema::TableName::parse(central_table).unwrap(),
+    )
+    .await
+    .unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = common::start_proxy(|c| {
+        let mut a = audit_config(&central, central_table, spool.path());
+        a.sink = pgtenant::audit::AuditSink::Tenant;
+        with_audit(c, a);
+        c.upstreams.get_mut("acme").unwrap().audit_url = Some(acme_url.clone());
+    })
+    .await;
+    for tenant in ["acme", "globex"] {
+        let client = common::connect(proxy.addr, tenant).await;
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    let audit = env.pg.admin_client("audit").await.unwrap();
+    let acme_db = env.pg.admin_client("acme_db").await.unwrap();
+    wait_rows(&acme_db, central_table, "tenant_id = 'acme'", 3).await;
+    wait_rows(&audit, central_table, "tenant_id = 'globex'", 3).await;
+    assert_eq!(count(&audit, central_table, "tenant_id = 'acme'").await, 0);
+    assert_eq!(count(&acme_db, central_table, "tenant_id <> 'acme'").await, 0);
+    proxy.stop().await;
+}

@@ -332,6 +332,15 @@ pub async fn init(
     tx.batch_execute(&grants_sql(table, &target.user))
         .await
         .with_context(|| format!("granting INSERT on {table}"))?;
+    // Tenant databases often revoke CONNECT from PUBLIC; the writer needs it (and nothing
+    // else at the database level).
+    tx.batch_execute(&format!(
+        "GRANT CONNECT ON DATABASE {} TO {}",
+        quote_ident(&target.database),
+        quote_ident(&target.user)
+    ))
+    .await
+    .with_context(|| format!("granting CONNECT on database {:?}", target.database))?;
     refuse_extra_privileges(&tx, &target.user, table).await?;
     tx.commit().await.context("committing the audit setup")?;
     Ok(InitReport {
