@@ -15,32 +15,16 @@ CLIENTS=${CLIENTS:-8}
 REPS=${REPS:-2}
 SCALE=${SCALE:-10}
 PROTOCOLS=${PROTOCOLS:-"simple extended prepared"}
-BIN=$(pg_config --bindir)
 PGPORT=${PGPORT:-55433}; BOUNCER_PORT=${BOUNCER_PORT:-56432}; PROXY_PORT=${PROXY_PORT:-57432}
+. scripts/bench-lib.sh
 
 command -v pgbouncer >/dev/null || { apt-get install -y -qq pgbouncer >/dev/null; }
-cargo build --release --quiet
-PGTENANT=$PWD/target/release/pgtenant
+build_pgtenant
 
-WORK=$(mktemp -d /tmp/pgtenant-bench.XXXXXX)
-chmod 755 "$WORK"
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" = 0 ] && chown postgres "$WORK"
-cleanup() {
-    [ -n "${PROXY_PID:-}" ] && kill "$PROXY_PID" 2>/dev/null || true
-    [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
-    as_pg "$BIN/pg_ctl" -D "$WORK/data" stop -m immediate >/dev/null 2>&1 || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-PASSWORD=benchpw$RANDOM$RANDOM
-as_pg "$BIN/initdb" -D "$WORK/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 >/dev/null
-as_pg "$BIN/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w \
-    -o "-p $PGPORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off" start >/dev/null
-psql_admin() { as_pg "$BIN/psql" -h "$WORK" -p "$PGPORT" -U postgres -qAt "$@"; }
-psql_admin -c "CREATE ROLE bench_app LOGIN PASSWORD '$PASSWORD'" -c "CREATE DATABASE bench_db OWNER bench_app"
-PGPASSWORD=$PASSWORD "$BIN/pgbench" -h 127.0.0.1 -p "$PGPORT" -U bench_app -i -s "$SCALE" -q bench_db >/dev/null 2>&1
+BENCH_PID_VARS="PROXY_PID BOUNCER_PID"
+bench_workdir
+start_postgres
+create_bench_db
 
 # PgBouncer: SCRAM to clients and server, one pool per mode is chosen per run via pool_mode.
 SCRAM_SECRET=$(psql_admin -c "SELECT rolpassword FROM pg_authid WHERE rolname='bench_app'")
@@ -68,56 +52,13 @@ INI
 stop_bouncer() { kill "$BOUNCER_PID" 2>/dev/null || true; sleep 0.3; BOUNCER_PID=; }
 
 # pgtenant: tenant "bench" routed to its dedicated database.
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/jwt.key"
-cat > "$WORK/pgtenant.toml" <<TOML
-[listen]
-addr = "127.0.0.1:$PROXY_PORT"
-tls = "disable"
-[jwt]
-secret_file = "$WORK/jwt.key"
-[upstreams.bench]
-kind = "dedicated"
-url = "postgres://bench_app:$PASSWORD@127.0.0.1:$PGPORT/bench_db"
-pool_size = 20
-[tenants]
-bench = "bench"
-[runtime]
-${WORKERS:+worker_threads = $WORKERS}
-TOML
-PGTENANT_LOG=warn "$PGTENANT" serve --config "$WORK/pgtenant.toml" 2>"$WORK/pgtenant.log" &
-PROXY_PID=$!
+make_token
+pgtenant_config "$PROXY_PORT" > "$WORK/pgtenant.toml"
+start_pgtenant "$WORK/pgtenant.toml" "$WORK/pgtenant.log"
+PROXY_PID=$STARTED_PID
 sleep 0.5
-TOKEN=$("$PGTENANT" token --secret-file "$WORK/jwt.key" --tenant bench --sub bench --ttl 86400)
 
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-TICK=$(getconf CLK_TCK)
-
-# run TARGET PORT PASSWORD PROTOCOL [extra pgbench args] -> "tps lat_ms failed cpu_us_per_txn"
-run() {
-    local pid=$1 port=$2 pw=$3 proto=$4; shift 4
-    local before=0 after=0
-    [ -n "$pid" ] && before=$(cpu_ticks "$pid")
-    local out
-    out=$(PGPASSWORD=$pw "$BIN/pgbench" -h 127.0.0.1 -p "$port" -U bench_app -S -M "$proto" \
-        -c "$CLIENTS" -j 2 -T "$DURATION" -n "$@" bench_db 2>&1 || true)
-    [ -n "$pid" ] && after=$(cpu_ticks "$pid")
-    local tps lat txns failed
-    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -1)
-    lat=$(sed -n 's/^latency average = \([0-9.]*\).*/\1/p' <<<"$out")
-    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
-    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
-    errors=$(grep -c -i 'error\|fatal' <<<"$out" || true)
-    local cpu="–"
-    if [ -n "$pid" ] && [ -n "$txns" ] && [ "$txns" -gt 0 ]; then
-        cpu=$(awk -v d=$((after - before)) -v t="$TICK" -v n="$txns" 'BEGIN{printf "%.1f", d/t*1e6/n}')
-    fi
-    echo "${tps:-0} ${lat:-–} ${failed:-$errors} $cpu"
-}
-
-declare -A RESULTS
-record() { RESULTS["$1"]+="$2;"; }
-
-for rep in $(seq "$REPS"); do
+for _ in $(seq "$REPS"); do
     for proto in $PROTOCOLS; do
         record "direct|$proto" "$(run "" "$PGPORT" "$PASSWORD" "$proto")"
         start_bouncer session
@@ -143,16 +84,15 @@ echo "pgbench -S, scale $SCALE, $CLIENTS clients, ${DURATION}s x $REPS, $(nproc)
 echo
 echo "| target | protocol | TPS (median) | latency ms | failed | proxy CPU µs/txn | TPS vs direct |"
 echo "|---|---|--:|--:|--:|--:|--:|"
-median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END{if(NR==0){print 0}else if(NR%2){print a[(NR+1)/2]}else{printf "%.1f", (a[NR/2]+a[NR/2+1])/2}}'; }
 for proto in $PROTOCOLS "connect (-C)"; do
-    direct_tps=$(tr ';' '\n' <<<"${RESULTS["direct|$proto"]}" | awk 'NF{print $1}' | median)
+    direct_tps=$(results_col "direct|$proto" 1 | median)
     for target in direct pgbouncer-session pgbouncer-transaction pgtenant-session; do
-        rows=${RESULTS["$target|$proto"]:-}
-        [ -z "$rows" ] && continue
-        tps=$(tr ';' '\n' <<<"$rows" | awk 'NF{print $1}' | median | awk '{printf "%.0f", $1}')
-        lat=$(tr ';' '\n' <<<"$rows" | awk 'NF{print $2}' | median)
-        failed=$(tr ';' '\n' <<<"$rows" | awk 'NF{s+=$3} END{print s+0}')
-        cpu=$(tr ';' '\n' <<<"$rows" | awk 'NF && $4!="–"{print $4}' | median)
+        key="$target|$proto"
+        [ -z "${RESULTS["$key"]:-}" ] && continue
+        tps=$(results_col "$key" 1 | median | awk '{printf "%.0f", $1}')
+        lat=$(results_col "$key" 2 | median)
+        failed=$(results_col "$key" 3 | awk '{s+=$1} END{print s+0}')
+        cpu=$(results_col "$key" 4 | awk '$1!="–"' | median)
         [ "$target" = direct ] && cpu="–"
         ratio=$(awk -v a="$tps" -v b="$direct_tps" 'BEGIN{if(b>0) printf "%.2f", a/b; else print "–"}')
         echo "| $target | $proto | $tps | $lat | $failed | $cpu | $ratio |"
