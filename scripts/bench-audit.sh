@@ -59,6 +59,15 @@ audit_metrics() {
 }
 
 # Background: one "oldest_unshipped_s spool_events" line per second until killed.
+# CPU ticks of the audit database's backends serving pgtenant's writer role (0 if none yet).
+audit_backend_ticks() {
+    local pid total=0
+    for pid in $(psql_admin -d "$AUDIT_DB" -c "SELECT pid FROM pg_stat_activity WHERE usename = 'pgtenant_audit'"); do
+        [ -r "/proc/$pid/stat" ] && total=$((total + $(cpu_ticks "$pid")))
+    done
+    echo "$total"
+}
+
 sample_loop() {
     local m
     while :; do
@@ -123,10 +132,11 @@ STATEMENTS_EXPECTED=0 # transactions pgbench reported for the audited runs so fa
 # with the CPU the proxy spends shipping the run's events after it (the drain) added to its
 # µs/txn. Not in a subshell: it keeps STATEMENTS_EXPECTED and SAMPLER_PID.
 run_audited() {
-    local proto=$1 r txns m start ticks0 ticks1 elapsed ok_at="" drain
+    local proto=$1 r txns m start ticks0 ticks1 elapsed ok_at="" drain db0 db1
     : > "$WORK/samples"
     sample_loop >> "$WORK/samples" &
     SAMPLER_PID=$!
+    db0=$(audit_backend_ticks)
     r=$(run "$ON_PID" "$ON_PORT" "$TOKEN" "$proto")
     start=$EPOCHREALTIME
     ticks0=$(cpu_ticks "$ON_PID")
@@ -152,14 +162,16 @@ run_audited() {
     done
     drain=$ok_at
     ticks1=$(cpu_ticks "$ON_PID")
+    db1=$(audit_backend_ticks)
     kill "$SAMPLER_PID" 2>/dev/null || true
     wait "$SAMPLER_PID" 2>/dev/null || true
     SAMPLER_PID=
     local max
     max=$(awk 'NF==2{if($1>a)a=$1; if($2>e)e=$2} END{printf "%.1f %d", a, e}' "$WORK/samples")
-    RUN_LINE=$(awk -v d=$((ticks1 - ticks0)) -v t="$TICK" -v max="$max" -v drain="$drain" '{
+    RUN_LINE=$(awk -v d=$((ticks1 - ticks0)) -v db=$((db1 - db0)) -v t="$TICK" -v max="$max" -v drain="$drain" '{
+        dbus = ($5 > 0) ? sprintf("%.1f", db/t*1e6/$5) : "–"
         if ($4 != "–" && $5 > 0) $4 = sprintf("%.1f", $4 + d/t*1e6/$5)
-        print $0, max, drain }' <<<"$r")
+        print $0, max, drain, dbus }' <<<"$r")
 }
 
 for _ in $(seq "$REPS"); do
@@ -186,8 +198,8 @@ echo "pgbench -S, scale $SCALE, $CLIENTS clients, ${DURATION}s x $REPS, $(nproc)
 echo "audit: level = \"statement\", fsync = \"batch\", on_full = \"fail_open\", spool on $(stat -f -c %T "$WORK"), ship to the same PostgreSQL ($PG_SETTINGS)"
 echo "The audit database shares the PostgreSQL cluster and the $(nproc) cores with bench_db, both proxies and pgbench."
 echo
-echo "| protocol | audit | TPS (median) | latency ms | failed | proxy CPU µs/txn | TPS vs audit off | max oldest unshipped s | max spool events | drain s |"
-echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+echo "| protocol | audit | TPS (median) | latency ms | failed | proxy CPU µs/txn | audit DB CPU µs/txn | TPS vs audit off | max oldest unshipped s | max spool events | drain s |"
+echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
 for proto in $PROTOCOLS; do
     off_tps=$(results_col "off|$proto" 1 | median)
     for audit in off statement; do
@@ -198,19 +210,20 @@ for proto in $PROTOCOLS; do
         cpu=$(results_col "$key" 4 | awk '$1!="–"' | median)
         ratio=$(awk -v a="$tps" -v b="$off_tps" 'BEGIN{if(b>0) printf "%.2f", a/b; else print "–"}')
         if [ "$audit" = off ]; then
-            age="–" events="–" drain="–"
+            age="–" events="–" drain="–" dbcpu="–"
         else
+            dbcpu=$(results_col "$key" 9 | awk '$1!="–"' | median)
             age=$(results_col "$key" 6 | awk '$1 > m {m = $1} END {printf "%.1f", m}')
             events=$(results_col "$key" 7 | awk '$1 > m {m = $1} END {print m + 0}')
             drain=$(results_col "$key" 8 | awk -v cap=">$DRAIN_CAP" '
                 /^>/ {over = 1} $1 + 0 > m {m = $1 + 0} END {if (over) print cap; else printf "%.1f", m}')
         fi
-        echo "| $proto | $audit | $tps | $lat | $failed | $cpu | $ratio | $age | $events | $drain |"
+        echo "| $proto | $audit | $tps | $lat | $failed | $cpu | $dbcpu | $ratio | $age | $events | $drain |"
     done
 done
 echo
 echo "Audited columns: worst run of $REPS; the metrics are sampled every second during the run and its drain."
-echo "Proxy CPU of the audited proxy includes shipping after the run (drain); the audit database's PostgreSQL CPU is not counted."
+echo "Proxy CPU of the audited proxy includes shipping after the run (drain); audit DB CPU is the PostgreSQL backend(s) of pgtenant's audit writer, per transaction."
 echo "Audit table: $STMT_BENCH pgbench statement events vs $STATEMENTS_EXPECTED transactions pgbench reported: $VERDICT" \
     "($STMT_TOTAL statement events in all, $((STMT_TOTAL - STMT_BENCH)) of them pgbench's setup queries)"
 echo "Audit events: $SPOOLED spooled, $WRITTEN written, $DROPPED dropped"

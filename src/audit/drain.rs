@@ -32,6 +32,9 @@ impl Drain {
         let notify = self.reader.notifier();
         let stats = self.reader.stats();
         let replayed = stats.recovered_records.load(Ordering::Relaxed);
+        // Records a previous run left unacknowledged may already be in the table: ship them
+        // idempotent. After them, batches are new to the table and go as plain INSERTs.
+        let mut maybe_shipped = replayed;
         if replayed > 0 {
             info!(sink = %self.label, events = replayed, "replaying audit events left in the spool");
             metrics::counter!(m::AUDIT_EVENTS_REPLAYED_TOTAL, "sink" => self.label.clone())
@@ -60,7 +63,9 @@ impl Drain {
                 }
             };
             let records = decode(&self.label, &batch.records);
-            if !self.ship_until_committed(&records, &stats).await {
+            let replay = maybe_shipped > 0;
+            maybe_shipped = maybe_shipped.saturating_sub(batch.records.len() as u64);
+            if !self.ship_until_committed(&records, replay, &stats).await {
                 return;
             }
             if let Err(e) = self.reader.commit(batch.end) {
@@ -72,12 +77,18 @@ impl Drain {
 
     /// Retries until the batch committed. False when shutdown asked to stop first (the batch
     /// stays in the spool for the next start).
-    async fn ship_until_committed(&mut self, records: &[AuditRecord], stats: &SpoolStats) -> bool {
+    async fn ship_until_committed(
+        &mut self,
+        records: &[AuditRecord],
+        replay: bool,
+        stats: &SpoolStats,
+    ) -> bool {
         let mut backoff = MIN_BACKOFF;
         let mut failures = 0u32;
         loop {
             let started = Instant::now();
-            match self.shipper.ship(records).await {
+            // After a failure the batch may have committed anyway (a lost reply): idempotent.
+            match self.shipper.ship(records, replay || failures > 0).await {
                 Ok(outcome) => {
                     metrics::histogram!(m::AUDIT_BATCH_SECONDS, "sink" => self.label.clone())
                         .record(started.elapsed().as_secs_f64());

@@ -192,12 +192,16 @@ const COLUMN_COMMENTS: &[(&str, &str)] = &[
 ];
 
 /// Idempotent DDL of the audit table and its indexes (no transaction control of its own).
-/// The event key is a UNIQUE constraint, checked by name in `init`.
+/// The event key is the primary key, checked by name in `init`.
 ///
-/// Deviation from the seed's `audit_tenant_access`: `tenant_id`, `user_id`, `table_name` and
+/// Deviations from the seed's `audit_tenant_access`: `tenant_id`, `user_id`, `table_name` and
 /// `operation` are nullable (an auth failure has no tenant, session events and many statements
-/// name no table), and `access_time` is `timestamptz NOT NULL` (an audit time without a zone
-/// is ambiguous). The other columns are the fields of [`super::AuditRecord`].
+/// name no table); `access_time` is `timestamptz NOT NULL` (an audit time without a zone is
+/// ambiguous); `id` keeps its random default but is not indexed: the event key is the primary
+/// key, because every index costs each of the (many) inserts, and a random uuid index the most
+/// (measured: 21.8 → 9.1 µs per row with this layout and plain INSERTs). `access_time` alone
+/// gets a BRIN index: rows arrive in time order. The other columns are the fields of
+/// [`super::AuditRecord`].
 pub fn table_sql(table: &TableName) -> String {
     let t = table.quoted();
     let mut sql = String::new();
@@ -209,7 +213,7 @@ pub fn table_sql(table: &TableName) -> String {
     }
     sql.push_str(&format!(
         "CREATE TABLE IF NOT EXISTS {t} (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
     tenant_id varchar(255),
     user_id varchar(255),
     table_name varchar(255),
@@ -238,11 +242,11 @@ pub fn table_sql(table: &TableName) -> String {
     client_bytes bigint,
     server_bytes bigint,
     statements bigint,
-    CONSTRAINT {key} UNIQUE (event_instance, event_seq)
+    CONSTRAINT {key} PRIMARY KEY (event_instance, event_seq)
 );
 CREATE INDEX IF NOT EXISTS {tenant} ON {t} (tenant_id, access_time);
 CREATE INDEX IF NOT EXISTS {user} ON {t} (user_id, access_time);
-CREATE INDEX IF NOT EXISTS {time} ON {t} (access_time);
+CREATE INDEX IF NOT EXISTS {time} ON {t} USING brin (access_time);
 COMMENT ON TABLE {t} IS {comment};
 ",
         key = quote_ident(&table.event_key()),
@@ -432,13 +436,13 @@ async fn require_event_key(tx: &impl GenericClient, table: &TableName) -> anyhow
     let found = tx
         .query_opt(
             "SELECT 1 FROM pg_catalog.pg_constraint
-             WHERE conrelid = $1::text::regclass AND conname = $2 AND contype = 'u'",
+             WHERE conrelid = $1::text::regclass AND conname = $2 AND contype IN ('p', 'u')",
             &[&table.quoted(), &table.event_key()],
         )
         .await?;
     if found.is_none() {
         bail!(
-            "{table} exists without the UNIQUE (event_instance, event_seq) constraint {:?}; \
+            "{table} exists without the (event_instance, event_seq) key constraint {:?}; \
              it was not created by pgtenant (compare with `pgtenant audit sql`)",
             table.event_key()
         );
@@ -591,7 +595,7 @@ mod tests {
                 "{column} missing"
             );
         }
-        assert!(sql.contains("CONSTRAINT \"trail_event_key\" UNIQUE (event_instance, event_seq)"));
+        assert!(sql.contains("CONSTRAINT \"trail_event_key\" PRIMARY KEY (event_instance, event_seq)"));
         let grants = grants_sql(&t, "aud\"it");
         assert!(
             grants.contains("REVOKE ALL ON TABLE \"audit\".\"trail\" FROM PUBLIC, \"aud\"\"it\";")

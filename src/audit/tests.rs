@@ -293,18 +293,18 @@ async fn shipping_is_exactly_once_and_every_column_round_trips() {
     let full = sample_record();
     let batch_a = vec![full.clone(), auth_failure(2)];
     let batch_b = vec![auth_failure(3), auth_failure(4), auth_failure(5)];
-    let out = shipper.ship(&batch_a).await.unwrap();
+    let out = shipper.ship(&batch_a, false).await.unwrap();
     assert_eq!((out.inserted, out.duplicates), (2, 0));
-    let out = shipper.ship(&batch_b).await.unwrap();
+    let out = shipper.ship(&batch_b, false).await.unwrap();
     assert_eq!((out.inserted, out.duplicates), (3, 0));
-    // A replay (commit not confirmed the first time), then a batch half old, half new with a
-    // key twice in it.
-    let out = shipper.ship(&batch_a).await.unwrap();
+    // A replay shipped as if it were new (a lost ack): the plain INSERT hits the key and is
+    // retried idempotent. Then a batch half old, half new with a key twice in it.
+    let out = shipper.ship(&batch_a, false).await.unwrap();
     assert_eq!((out.inserted, out.duplicates), (0, 2));
     let mixed = vec![auth_failure(5), auth_failure(6), auth_failure(6)];
-    let out = shipper.ship(&mixed).await.unwrap();
+    let out = shipper.ship(&mixed, true).await.unwrap();
     assert_eq!((out.inserted, out.duplicates), (1, 2));
-    assert_eq!(shipper.ship(&[]).await.unwrap().inserted, 0);
+    assert_eq!(shipper.ship(&[], false).await.unwrap().inserted, 0);
 
     let admin = pg.admin_client(DB).await.unwrap();
     let back = read_back(&admin).await;
@@ -317,7 +317,7 @@ async fn shipping_is_exactly_once_and_every_column_round_trips() {
     let mut odd = auth_failure(7);
     odd.tenant_id = Some("t".repeat(300));
     odd.reason = Some("nul\0here".into());
-    assert_eq!(shipper.ship(&[odd]).await.unwrap().inserted, 1);
+    assert_eq!(shipper.ship(&[odd], false).await.unwrap().inserted, 1);
     let row = admin
         .query_one(
             "SELECT length(tenant_id), reason FROM public.audit_tenant_access WHERE event_seq = 7",
@@ -337,12 +337,12 @@ async fn shipping_fails_fast_while_the_server_is_down_and_recovers() {
         .unwrap();
     let timeout = Duration::from_secs(3);
     let mut shipper = Shipper::new(&writer_url(&pg), table(), timeout).unwrap();
-    assert_eq!(shipper.ship(&[auth_failure(1)]).await.unwrap().inserted, 1);
+    assert_eq!(shipper.ship(&[auth_failure(1)], false).await.unwrap().inserted, 1);
 
     pg.stop_server("fast").unwrap();
     for seq in [2, 3] {
         let started = Instant::now();
-        let err = shipper.ship(&[auth_failure(seq)]).await.unwrap_err();
+        let err = shipper.ship(&[auth_failure(seq)], true).await.unwrap_err();
         assert!(
             started.elapsed() <= timeout + Duration::from_millis(500),
             "{err}"
@@ -353,7 +353,7 @@ async fn shipping_fails_fast_while_the_server_is_down_and_recovers() {
     pg.start_server().unwrap();
     // The batch that failed is shipped again, plus the one that never went.
     let out = shipper
-        .ship(&[auth_failure(2), auth_failure(3)])
+        .ship(&[auth_failure(2), auth_failure(3)], true)
         .await
         .unwrap();
     assert_eq!((out.inserted, out.duplicates), (2, 0));

@@ -55,6 +55,10 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
+            // Group commit: let the window fill, so many sessions' events share one write
+            // and one fsync. Sleeping (not waiting on the queue) also means sessions pushing
+            // events meanwhile never have to wake this thread.
+            std::thread::sleep(self.config.flush_interval);
             while events.len() < MAX_BATCH_EVENTS {
                 match self.rx.try_recv() {
                     Ok(event) => events.push(event),
@@ -64,8 +68,6 @@ impl Writer {
             self.shared
                 .queued
                 .fetch_sub(events.len(), Ordering::AcqRel);
-            // No waiting for a fuller batch: while one batch is written and fsynced the
-            // next one accumulates (group commit).
             self.write(&mut events);
         }
     }
