@@ -9,7 +9,7 @@
 //!
 //! - `event`: `AuditEvent` (built on the hot path) and `AuditRecord` (one table row)
 //! - `config`: `[audit]`
-//! - `summary`: fingerprints, tables and statement type, cached by statement shape
+//! - `summary`: fingerprints, tables and statement type, cached by statement `shape`
 //! - `spool`: segmented append-only files; events are removed after their batch committed
 //! - `schema`: the table's DDL and `pgtenant audit init`
 //! - `ship`: batched, idempotent INSERTs from the audit role's own connection
@@ -18,6 +18,7 @@ pub mod config;
 mod drain;
 pub mod event;
 pub mod schema;
+mod shape;
 pub mod ship;
 pub mod spool;
 pub mod summary;

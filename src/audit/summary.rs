@@ -2,15 +2,15 @@
 //! execution of a query shape, whatever its literals), the tables it names and its type.
 //!
 //! Runs on the audit writer thread, never on the relay. Parsing costs microseconds, so results
-//! are cached by the statement's shape: the text with every literal replaced by `?` (found by
-//! PostgreSQL's own lexer, through libpg_query), so `WHERE aid = 1` and `WHERE aid = 2` parse
-//! once. Texts without literals (prepared statements with `$1`) are cached as they are and skip
-//! even the lexer.
+//! are cached by the statement's shape (`shape`: the text with its literals replaced), so
+//! `WHERE aid = 1` and `WHERE aid = 2` parse once. Texts without literals (prepared statements
+//! with `$1`) are cached as they are and skip even the lexer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pg_query::protobuf::Token;
+use super::shape::shape_of;
+
 use pg_query::protobuf::summary_result::Context;
 
 /// Distinct statement shapes (and literal-free texts) remembered, at most; the cache is
@@ -80,39 +80,6 @@ fn bounded_insert<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Summaries>, k: K
         map.clear();
     }
     map.insert(k, v);
-}
-
-struct Shape {
-    key: String,
-    literals: usize,
-}
-
-/// The text with literals replaced by `?` and whitespace between tokens normalized.
-fn shape_of(sql: &str) -> Option<Shape> {
-    let scanned = pg_query::scan(sql).ok()?;
-    let mut key = String::with_capacity(sql.len());
-    let mut literals = 0;
-    for t in &scanned.tokens {
-        let literal = matches!(
-            Token::try_from(t.token),
-            Ok(Token::Iconst
-                | Token::Fconst
-                | Token::Sconst
-                | Token::Usconst
-                | Token::Bconst
-                | Token::Xconst)
-        );
-        if !key.is_empty() {
-            key.push(' ');
-        }
-        if literal {
-            literals += 1;
-            key.push('?');
-        } else {
-            key.push_str(sql.get(t.start as usize..t.end as usize)?);
-        }
-    }
-    Some(Shape { key, literals })
 }
 
 fn summarize_uncached(sql: &str) -> Vec<StatementSummary> {
