@@ -116,7 +116,8 @@ impl AuditEvent {
 }
 
 /// One row of the audit table: what is spooled (as JSON) and shipped. Field names are the
-/// table's column names.
+/// table's column names. Empty fields are left out of the JSON (a statement event is about
+/// half as long), and read back as empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Unique event key: instance id + sequence. Replays are absorbed by a unique index.
@@ -125,34 +126,73 @@ pub struct AuditRecord {
     /// Microseconds since the Unix epoch (stored as timestamptz `access_time`).
     pub access_time_us: i64,
     pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_port: Option<i32>,
     /// The client's application_name (the seeds' `user_agent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
     /// First table the statement names (schema-qualified as written), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_name: Option<String>,
     /// Every table the statement names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<String>,
     /// SELECT, INSERT, UPDATE, DELETE, ... (first word of the command tag, or of the statement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
     pub success: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sqlstate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_us: Option<i64>,
     /// Normalized statement fingerprint (hex); literals never reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     /// Statement text, only with `log_statement_text = true`, truncated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_kid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_bytes: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_bytes: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statements: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_fields_are_left_out_of_the_spooled_json_and_read_back_empty() {
+        let mut record = crate::audit::tests::sample_record();
+        record.tenant_id = None;
+        record.tables.clear();
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(!json.contains("tenant_id") && !json.contains("\"tables\""), "{json}");
+        let back: AuditRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, record);
+    }
 }
