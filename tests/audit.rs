@@ -563,3 +563,28 @@ async fn tenant_sink_keeps_a_dedicated_tenants_events_in_its_own_database() {
     assert_eq!(count(&acme_db, central_table, "tenant_id <> 'acme'").await, 0);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_every_event_into_the_table() {
+    let env = common::env();
+    let table = "audit_shutdown";
+    let url = audit_db(env.pg, table).await;
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
+    let sessions = 3;
+    let per_session = 40;
+    for tenant in ["acme", "globex", "initech"] {
+        let client = common::connect(proxy.addr, tenant).await;
+        for _ in 0..per_session {
+            client.simple_query("SELECT 1").await.unwrap();
+        }
+    }
+    // No waiting for the drain: stop() itself must ship what is queued and spooled.
+    proxy.stop().await;
+    let admin = env.pg.admin_client("audit").await.unwrap();
+    assert_eq!(
+        count(&admin, table, "true").await,
+        (sessions * (per_session + 2)) as i64,
+        "every event is in the table when stop() returns"
+    );
+}

@@ -91,14 +91,17 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     drop(token);
     drop(pre_auth);
-    let Ok(_client_slot) = shared.clients.clone().try_acquire_owned() else {
-        m_refused("too_many_clients");
-        conn.send_error(&ClientError::TooManyClients).await;
-        return;
-    };
     let mut session_audit = shared.audit.clone().map(|audit| {
         SessionAudit::new(audit, &identity, peer, params.application_name.as_deref())
     });
+    let Ok(_client_slot) = shared.clients.clone().try_acquire_owned() else {
+        m_refused("too_many_clients");
+        if let Some(a) = &session_audit {
+            a.refused(EventKind::SessionRefused, &ClientError::TooManyClients);
+        }
+        conn.send_error(&ClientError::TooManyClients).await;
+        return;
+    };
     if let Err(error) =
         run_session(&mut conn, &params, &identity, &shared, session_audit.as_mut()).await
     {
