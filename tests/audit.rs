@@ -588,3 +588,28 @@ async fn shutdown_flushes_every_event_into_the_table() {
         "every event is in the table when stop() returns"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_level_records_sessions_and_blocks_but_no_statements() {
+    let env = common::env();
+    let table = "audit_session_level";
+    let url = audit_db(env.pg, table).await;
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = common::start_proxy(|c| {
+        let mut a = audit_config(&url, table, spool.path());
+        a.level = pgtenant::audit::AuditLevel::Session;
+        with_audit(c, a)
+    })
+    .await;
+    let client = common::connect(proxy.addr, "medcorp").await;
+    run_statements(&client).await;
+    let e = client.simple_query("RESET ALL").await.unwrap_err();
+    assert_eq!(common::sqlstate(&e), "42501");
+    drop(client);
+    proxy.stop().await;
+    let admin = env.pg.admin_client("audit").await.unwrap();
+    assert_eq!(count(&admin, table, "event = 'session_start'").await, 1);
+    assert_eq!(count(&admin, table, "event = 'session_end' AND statements >= 5").await, 1);
+    assert_eq!(count(&admin, table, "event = 'blocked' AND tenant_id = 'medcorp'").await, 1);
+    assert_eq!(count(&admin, table, "event = 'statement'").await, 0);
+}
