@@ -14,6 +14,7 @@
 #   scripts/bench-audit.sh           # defaults: 15 s runs, 8 clients, 2 repetitions, scale 10
 #   DURATION=20 CLIENTS=8 REPS=3 SCALE=10 PROTOCOLS="simple prepared" scripts/bench-audit.sh
 #   WORKERS=1 scripts/bench-audit.sh # both proxies with one tokio worker thread
+#   AUDIT_FSYNC=off scripts/bench-audit.sh  # spool without fsync (still survives kill -9)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -101,7 +102,7 @@ url = "postgres://pgtenant_audit:$AUDIT_PASSWORD@127.0.0.1:$PGPORT/$AUDIT_DB"
 table = "$AUDIT_TABLE"
 level = "statement"
 spool_dir = "$WORK/spool"
-fsync = "batch"
+fsync = "${AUDIT_FSYNC:-batch}"
 on_full = "fail_open"
 TOML
 if ! "$PGTENANT" audit init --config "$WORK/pgtenant-on.toml" \
@@ -195,7 +196,7 @@ read -r SPOOLED WRITTEN _ _ DROPPED < <(audit_metrics)
 
 echo
 echo "pgbench -S, scale $SCALE, $CLIENTS clients, ${DURATION}s x $REPS, $(nproc) cores, $(date -u +%Y-%m-%d)"
-echo "audit: level = \"statement\", fsync = \"batch\", on_full = \"fail_open\", spool on $(stat -f -c %T "$WORK"), ship to the same PostgreSQL ($PG_SETTINGS)"
+echo "audit: level = \"statement\", fsync = \"${AUDIT_FSYNC:-batch}\", on_full = \"fail_open\", spool on $(stat -f -c %T "$WORK"), ship to the same PostgreSQL ($PG_SETTINGS)"
 echo "The audit database shares the PostgreSQL cluster and the $(nproc) cores with bench_db, both proxies and pgbench."
 echo
 echo "| protocol | audit | TPS (median) | latency ms | failed | proxy CPU µs/txn | audit DB CPU µs/txn | TPS vs audit off | max oldest unshipped s | max spool events | drain s |"
