@@ -249,7 +249,11 @@ mod tests {
         assert_eq!(labels.label("acme"), "acme");
         assert_eq!(labels.label("globex"), "globex");
         assert_eq!(labels.label("initech"), "other");
-        assert_eq!(labels.label("acme"), "acme", "a labelled tenant keeps its label");
+        assert_eq!(
+            labels.label("acme"),
+            "acme",
+            "a labelled tenant keeps its label"
+        );
         assert_eq!(labels.label("initech"), "other");
         assert_eq!(labels.label("umbrella"), "other");
     }
