@@ -16,6 +16,7 @@ pub const SESSIONS_TOTAL: &str = "pgtenant_sessions_total";
 pub const AUTH_FAILURES_TOTAL: &str = "pgtenant_auth_failures_total";
 pub const SESSIONS_REFUSED_TOTAL: &str = "pgtenant_sessions_refused_total";
 pub const QUERIES_TOTAL: &str = "pgtenant_queries_total";
+pub const QUERY_DURATION_SECONDS: &str = "pgtenant_query_duration_seconds";
 pub const CLIENT_BYTES_TOTAL: &str = "pgtenant_client_bytes_total";
 pub const SERVER_BYTES_TOTAL: &str = "pgtenant_server_bytes_total";
 pub const POOL_CONNECTIONS: &str = "pgtenant_pool_connections";
@@ -141,6 +142,11 @@ fn describe() {
     describe_counter!(
         QUERIES_TOTAL,
         "Queries relayed (simple Query, Sync, FunctionCall), by tenant and upstream."
+    );
+    describe_histogram!(
+        QUERY_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from a query (simple Query, Sync, FunctionCall) reaching pgtenant to the server's ReadyForQuery, by tenant and upstream; guard-refused queries are not included."
     );
     describe_counter!(
         CLIENT_BYTES_TOTAL,

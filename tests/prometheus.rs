@@ -240,6 +240,26 @@ async fn prometheus_scrapes_the_isolation_series() {
         at_least(MEDCORP_SESSIONS as f64),
     )
     .await;
+    // Query duration: one sample per server-answered query (the refused SET is answered
+    // by pgtenant and not timed).
+    prom.eventually(
+        admin,
+        r#"sum(pgtenant_query_duration_seconds_count{tenant="acme",upstream="acme"})"#,
+        exact(ACME_SESSIONS),
+    )
+    .await;
+    prom.eventually(
+        admin,
+        r#"sum(pgtenant_query_duration_seconds_count{tenant="medcorp",upstream="shared"})"#,
+        exact(MEDCORP_SESSIONS),
+    )
+    .await;
+    prom.eventually(
+        admin,
+        r#"sum(pgtenant_query_duration_seconds_bucket{tenant="acme",le="+Inf"})"#,
+        exact(ACME_SESSIONS),
+    )
+    .await;
     prom.eventually(
         admin,
         r#"sum(pgtenant_client_connections{tenant=~"acme|medcorp"})"#,
