@@ -13,6 +13,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pgtenant::config::ContextMode;
+use pgtenant::isolation::signed::SignedContextConfig;
 use serde_json::Value;
 
 const ACME_SESSIONS: usize = 3;
@@ -149,6 +151,18 @@ async fn prometheus_scrapes_the_isolation_series() {
         ghost.checkout_timeout = Duration::from_secs(2);
         c.upstreams.insert("ghost".into(), ghost);
         c.tenants.map.insert("ghost".into(), "ghost".into());
+        // A signed-context upstream whose schema was never installed: `enter` fails.
+        let mut signed = c.upstreams["shared"].clone();
+        signed.context = ContextMode::Signed;
+        signed.signed_context = Some(
+            toml::from_str::<SignedContextConfig>(&format!(
+                "key_id = \"k1\"\nkey = \"{}\"",
+                "ab".repeat(32)
+            ))
+            .expect("signed context config"),
+        );
+        c.upstreams.insert("signed".into(), signed);
+        c.tenants.map.insert("signedco".into(), "signed".into());
     })
     .await;
     let admin = proxy.admin_addr.expect("the demo config has [admin]");
@@ -198,6 +212,12 @@ async fn prometheus_scrapes_the_isolation_series() {
         .await
         .expect_err("unreachable");
     assert_eq!(common::sqlstate(&err), "08001");
+    // A tenant whose signed context cannot be entered.
+    let err = common::try_connect(proxy.addr, &common::token("signedco", "u"))
+        .await
+        .expect_err("context refused");
+    let code = common::sqlstate(&err);
+    assert!(code == "28000" || code == "57P03", "{err:?}");
 
     let exact = |n: usize| move |v: f64| v == n as f64;
     let at_least = |n: f64| move |v: f64| v >= n;
@@ -305,6 +325,20 @@ async fn prometheus_scrapes_the_isolation_series() {
     prom.eventually(
         admin,
         r#"sum(pgtenant_sessions_refused_total{reason="upstream_unreachable"})"#,
+        exact(1),
+    )
+    .await;
+
+    // The signed context failure, by upstream and step.
+    prom.eventually(
+        admin,
+        r#"pgtenant_context_failures_total{upstream="signed",step="enter"}"#,
+        exact(1),
+    )
+    .await;
+    prom.eventually(
+        admin,
+        r#"sum(pgtenant_sessions_refused_total{reason="context"})"#,
         exact(1),
     )
     .await;
