@@ -30,6 +30,8 @@ pub struct Config {
     pub listen: ListenConfig,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     pub jwt: JwtConfig,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
@@ -135,6 +137,36 @@ impl ListenConfig {
 pub struct AdminConfig {
     /// HTTP listener for /metrics, /healthz, /readyz.
     pub addr: SocketAddr,
+}
+
+/// Label cardinality of the Prometheus series (set once at start; not reloadable).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Per-tenant `tenant` labels. `false`: every series says `tenant="other"`. Default true.
+    #[serde(default = "MetricsConfig::default_tenant_labels")]
+    pub tenant_labels: bool,
+    /// Distinct tenant label values at most; later tenants share `other`. Default 1000.
+    #[serde(default = "MetricsConfig::default_max_tenant_labels")]
+    pub max_tenant_labels: usize,
+}
+
+impl MetricsConfig {
+    fn default_tenant_labels() -> bool {
+        true
+    }
+    fn default_max_tenant_labels() -> usize {
+        1000
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            tenant_labels: Self::default_tenant_labels(),
+            max_tenant_labels: Self::default_max_tenant_labels(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -3,16 +3,20 @@
 //! Hot paths hold `metrics::Counter` handles created once per session and only do atomic
 //! adds; label lookups happen at session start.
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-use dashmap::DashSet;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::MetricsConfig;
 
 pub const CLIENT_CONNECTIONS: &str = "pgtenant_client_connections";
 pub const SESSIONS_TOTAL: &str = "pgtenant_sessions_total";
 pub const AUTH_FAILURES_TOTAL: &str = "pgtenant_auth_failures_total";
 pub const SESSIONS_REFUSED_TOTAL: &str = "pgtenant_sessions_refused_total";
 pub const QUERIES_TOTAL: &str = "pgtenant_queries_total";
+pub const QUERY_DURATION_SECONDS: &str = "pgtenant_query_duration_seconds";
 pub const CLIENT_BYTES_TOTAL: &str = "pgtenant_client_bytes_total";
 pub const SERVER_BYTES_TOTAL: &str = "pgtenant_server_bytes_total";
 pub const POOL_CONNECTIONS: &str = "pgtenant_pool_connections";
@@ -37,11 +41,11 @@ pub const AUDIT_BATCH_SECONDS: &str = "pgtenant_audit_batch_seconds";
 pub const AUDIT_SHIP_ERRORS_TOTAL: &str = "pgtenant_audit_ship_errors_total";
 pub const AUDIT_REFUSED_TOTAL: &str = "pgtenant_audit_refused_total";
 
-/// At most this many distinct tenant label values; later tenants share `other`.
-const MAX_TENANT_LABELS: usize = 1000;
+/// The label value shared by tenants beyond the cap (and by all with `tenant_labels = false`).
+pub const OTHER_TENANT: &str = "other";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-static TENANT_LABELS: OnceLock<DashSet<String>> = OnceLock::new();
+static TENANT_LABELS: TenantLabels = TenantLabels::new(1000);
 
 /// Installs the process-wide recorder once and returns its handle (idempotent, so several
 /// proxies in one test process share it).
@@ -63,18 +67,58 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// A bounded tenant label: the tenant id for the first `MAX_TENANT_LABELS` tenants seen,
-/// `other` afterwards, so cardinality cannot explode.
+/// Applies `[metrics]` to the process-wide tenant labels (the recorder is process-wide too;
+/// the last proxy started in a process wins). Tenants already labelled keep their label.
+pub fn configure(cfg: &MetricsConfig) {
+    let cap = if cfg.tenant_labels {
+        cfg.max_tenant_labels
+    } else {
+        0
+    };
+    TENANT_LABELS.set_cap(cap);
+}
+
+/// A bounded tenant label: the tenant id for the first `[metrics] max_tenant_labels` tenants
+/// seen, `other` afterwards (and always with `tenant_labels = false`), so cardinality cannot
+/// explode. Called once per session, not per statement.
 pub fn tenant_label(tenant: &str) -> String {
-    let seen = TENANT_LABELS.get_or_init(DashSet::new);
-    if seen.contains(tenant) {
-        return tenant.to_string();
+    TENANT_LABELS.label(tenant)
+}
+
+/// The first `cap` distinct tenants get their own label value, later ones `other`.
+pub struct TenantLabels {
+    cap: AtomicUsize,
+    seen: Mutex<Option<HashSet<String>>>,
+}
+
+impl TenantLabels {
+    pub const fn new(cap: usize) -> Self {
+        Self {
+            cap: AtomicUsize::new(cap),
+            seen: Mutex::new(None),
+        }
     }
-    if seen.len() < MAX_TENANT_LABELS {
-        seen.insert(tenant.to_string());
-        return tenant.to_string();
+
+    pub fn set_cap(&self, cap: usize) {
+        self.cap.store(cap, Ordering::Relaxed);
     }
-    "other".to_string()
+
+    pub fn label(&self, tenant: &str) -> String {
+        let cap = self.cap.load(Ordering::Relaxed);
+        if cap == 0 {
+            return OTHER_TENANT.to_string();
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = seen.get_or_insert_with(HashSet::new);
+        if seen.contains(tenant) {
+            return tenant.to_string();
+        }
+        if seen.len() < cap {
+            seen.insert(tenant.to_string());
+            return tenant.to_string();
+        }
+        OTHER_TENANT.to_string()
+    }
 }
 
 fn describe() {
@@ -98,6 +142,11 @@ fn describe() {
     describe_counter!(
         QUERIES_TOTAL,
         "Queries relayed (simple Query, Sync, FunctionCall), by tenant and upstream."
+    );
+    describe_histogram!(
+        QUERY_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from a query (simple Query, Sync, FunctionCall) reaching pgtenant to the server's ReadyForQuery, by tenant and upstream; guard-refused queries are not included."
     );
     describe_counter!(
         CLIENT_BYTES_TOTAL,
@@ -194,4 +243,49 @@ fn describe() {
         BUILD_INFO,
         "Always 1; the version label says which build runs."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_labels_are_capped_with_an_other_bucket() {
+        let labels = TenantLabels::new(2);
+        assert_eq!(labels.label("acme"), "acme");
+        assert_eq!(labels.label("globex"), "globex");
+        assert_eq!(labels.label("initech"), "other");
+        assert_eq!(
+            labels.label("acme"),
+            "acme",
+            "a labelled tenant keeps its label"
+        );
+        assert_eq!(labels.label("initech"), "other");
+        assert_eq!(labels.label("umbrella"), "other");
+    }
+
+    #[test]
+    fn tenant_labels_off_means_everyone_is_other() {
+        let labels = TenantLabels::new(1000);
+        labels.set_cap(0);
+        assert_eq!(labels.label("acme"), "other");
+        assert_eq!(labels.label("globex"), "other");
+    }
+
+    #[test]
+    fn metrics_config_defaults_and_parses() {
+        let d = MetricsConfig::default();
+        assert!(d.tenant_labels);
+        assert_eq!(d.max_tenant_labels, 1000);
+        let c: MetricsConfig =
+            toml::from_str("tenant_labels = false\nmax_tenant_labels = 5").expect("parses");
+        assert_eq!(
+            c,
+            MetricsConfig {
+                tenant_labels: false,
+                max_tenant_labels: 5
+            }
+        );
+        assert!(toml::from_str::<MetricsConfig>("max_tenants = 5").is_err());
+    }
 }

@@ -102,6 +102,7 @@ async fn close_audit(shared: &Shared, deadline: std::time::Duration) {
 pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
     crate::tls::install_crypto_provider();
     let metrics_handle = crate::metrics::install();
+    crate::metrics::configure(&config.metrics);
     let verifier = JwtVerifier::from_config(&config.jwt).context("[jwt]")?;
     verifier.self_test().context("JWT crypto self-test")?;
     let tls = match (

@@ -216,7 +216,6 @@ async fn run_session(
     metrics::counter!(m::SESSIONS_TOTAL, &labels).increment(1);
     let open = metrics::gauge!(m::CLIENT_CONNECTIONS, &labels);
     open.increment(1.0);
-    let queries = metrics::counter!(m::QUERIES_TOTAL, &labels);
     info!(
         tenant = %identity.tenant, user = %identity.user, upstream = %upstream,
         peer = %conn.peer, application_name = params.application_name.as_deref().unwrap_or(""),
@@ -261,7 +260,7 @@ async fn run_session(
         &mut server,
         key,
         shared,
-        &|n| queries.increment(n),
+        &labels,
         filter,
         statement_audit.map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
     )
@@ -332,7 +331,7 @@ async fn greet_and_relay(
     server: &mut PooledServer,
     key: crate::cancel::ClientKey,
     shared: &Shared,
-    on_queries: &(dyn Fn(u64) + Send + Sync),
+    labels: &[(&'static str, String)],
     filter: Option<&dyn relay::ClientFilter>,
     on_statement: Option<&(dyn Fn(relay::CompletedStatement) + Send + Sync)>,
 ) -> Result<RelayOutcome, ClientError> {
@@ -346,12 +345,16 @@ async fn greet_and_relay(
     conn.write_flush(&hello).await?;
 
     let config = shared.config();
+    let queries = metrics::counter!(m::QUERIES_TOTAL, labels);
+    let on_queries = &|n| queries.increment(n);
+    let mut cycle = relay::Cycle::with_tracking(on_statement.is_some());
+    cycle.query_seconds = Some(metrics::histogram!(m::QUERY_DURATION_SECONDS, labels));
     let mut relay = Relay {
         client: &mut conn.io,
         client_buf: &mut conn.read_buf,
         server,
         max_client_frame: config.limits.max_client_frame_bytes,
-        cycle: relay::Cycle::with_tracking(on_statement.is_some()),
+        cycle,
         stats: Default::default(),
         on_queries,
         filter,

@@ -49,11 +49,11 @@ impl Refusal {
 /// What the answer to one request cycle will be.
 #[derive(Debug)]
 enum Expect {
-    /// The server answers, ending with ReadyForQuery.
-    Server,
+    /// The server answers, ending with ReadyForQuery; the request arrived at this instant.
+    Server(Instant),
     /// The server answers; pgtenant's ErrorResponse goes right before its ReadyForQuery
     /// (a refused Parse inside a batch whose earlier messages were forwarded).
-    ServerWithError(Bytes),
+    ServerWithError(Bytes, Instant),
     /// pgtenant answers alone (ErrorResponse + ReadyForQuery) once it is first in line.
     Local(Bytes),
 }
@@ -74,6 +74,8 @@ pub struct Cycle {
     discarding: Option<Discard>,
     /// Follows statements to their results (audit at statement level); `None` when off.
     pub tracker: Option<Box<StatementTracker>>,
+    /// Records request-to-ReadyForQuery time of every server-answered query when set.
+    pub query_seconds: Option<metrics::Histogram>,
 }
 
 /// What to do with a batch of client bytes.
@@ -179,7 +181,7 @@ impl Cycle {
                         self.on_whole(tag, frame, body, filter, now, &mut plan);
                         discarding.set(self.discarding.is_some());
                     }
-                    ScanEvent::Header { tag, .. } => self.on_streamed(tag, &mut plan),
+                    ScanEvent::Header { tag, .. } => self.on_streamed(tag, now, &mut plan),
                 }
             },
         )?;
@@ -194,14 +196,14 @@ impl Cycle {
     }
 
     /// A frame whose body streams through (not inspected).
-    fn on_streamed(&mut self, tag: u8, plan: &mut ClientPlan) {
+    fn on_streamed(&mut self, tag: u8, now: Instant, plan: &mut ClientPlan) {
         match tag {
             tags::QUERY | tags::FUNCTION_CALL => {
-                self.expect_server(Expect::Server);
+                self.expect_server(Expect::Server(now));
                 plan.queries += 1;
             }
             tags::SYNC => {
-                self.expect_server(Expect::Server);
+                self.expect_server(Expect::Server(now));
                 self.unsynced = false;
                 plan.queries += 1;
             }
@@ -234,7 +236,7 @@ impl Cycle {
             plan.queries += 1;
             self.unsynced = false;
             if discard.forward_sync {
-                self.expect_server(Expect::ServerWithError(discard.error));
+                self.expect_server(Expect::ServerWithError(discard.error, now));
             } else {
                 plan.dropped.push(frame);
                 self.expects.push_back(Expect::Local(discard.error));
@@ -266,7 +268,7 @@ impl Cycle {
                 if let Some(tracker) = self.tracker.as_mut() {
                     tracker.on_client_frame(tag, body, now);
                 }
-                self.on_streamed(tag, plan)
+                self.on_streamed(tag, now, plan)
             }
         }
     }
@@ -281,16 +283,21 @@ impl Cycle {
 
     /// The server sent ReadyForQuery. Returns an error to insert before it, if one is due.
     pub fn on_server_ready(&mut self) -> Option<Bytes> {
-        match self.expects.pop_front() {
-            Some(Expect::ServerWithError(error)) => Some(error),
+        let (error, started) = match self.expects.pop_front() {
+            Some(Expect::ServerWithError(error, started)) => (Some(error), started),
+            Some(Expect::Server(started)) => (None, started),
             // A Local entry cannot be first here (they are emitted as soon as they are);
             // keep it rather than lose an answer.
             Some(local @ Expect::Local(_)) => {
                 self.expects.push_front(local);
-                None
+                return None;
             }
-            Some(Expect::Server) | None => None,
+            None => return None,
+        };
+        if let Some(h) = &self.query_seconds {
+            h.record(started.elapsed().as_secs_f64());
         }
+        error
     }
 
     /// Appends pgtenant's own answers that are now first in line (ErrorResponse +
