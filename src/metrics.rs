@@ -151,12 +151,12 @@ fn describe() {
     describe_counter!(
         CLIENT_BYTES_TOTAL,
         Unit::Bytes,
-        "Bytes relayed from clients to servers, by upstream."
+        "Bytes relayed from clients to servers, by upstream (added when a session ends)."
     );
     describe_counter!(
         SERVER_BYTES_TOTAL,
         Unit::Bytes,
-        "Bytes relayed from servers to clients, by upstream."
+        "Bytes relayed from servers to clients, by upstream (added when a session ends)."
     );
     describe_gauge!(
         POOL_CONNECTIONS,

@@ -315,6 +315,16 @@ async fn prometheus_scrapes_the_isolation_series() {
     )
     .await;
 
+    // Bytes relayed, added at each session's end (3 acme sessions of one small query each).
+    for series in ["pgtenant_client_bytes_total", "pgtenant_server_bytes_total"] {
+        prom.eventually(
+            admin,
+            &format!(r#"sum({series}{{upstream="acme"}})"#),
+            at_least(30.0),
+        )
+        .await;
+    }
+
     // Upstream connect errors and the refused session.
     prom.eventually(
         admin,

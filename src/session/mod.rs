@@ -279,6 +279,10 @@ async fn run_session(
         }
     };
     let stats = outcome.stats;
+    metrics::counter!(m::CLIENT_BYTES_TOTAL, "upstream" => upstream.to_string())
+        .increment(stats.client_bytes);
+    metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
+        .increment(stats.server_bytes);
     if let Some(a) = audit {
         a.session_end(totals(started_relay, stats), end_label(&outcome.end));
     }
