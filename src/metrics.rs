@@ -210,7 +210,7 @@ fn describe() {
     );
     describe_counter!(
         AUDIT_EVENTS_DROPPED_TOTAL,
-        "Audit events lost, by reason (queue_full, spool_full, spool_io, closed). Alert on any."
+        "Audit events lost, by reason (queue_full, spool_full, spool_io, closed, undecodable). Alert on any."
     );
     describe_gauge!(
         AUDIT_SPOOL_BYTES,

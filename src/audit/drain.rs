@@ -131,7 +131,11 @@ fn decode(label: &str, raw: &[Vec<u8>]) -> Vec<AuditRecord> {
         .filter_map(|bytes| match serde_json::from_slice(bytes) {
             Ok(record) => Some(record),
             Err(e) => {
+                // The CRC matched, so this is not disk damage but a record this version
+                // cannot read; it is counted as lost rather than blocking the spool forever.
                 warn!(sink = %label, error = %e, "skipping an undecodable audit spool record");
+                metrics::counter!(m::AUDIT_EVENTS_DROPPED_TOTAL, "reason" => "undecodable")
+                    .increment(1);
                 None
             }
         })
