@@ -340,9 +340,10 @@ async fn accept_loop(
 /// file at `path` and reloads it. Runs the doctor's isolation checks first (`[doctor] on_start`).
 pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Installed first: SIGHUP's default action would kill a process still starting.
+    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     doctor_on_start(&config).await?;
     let handle = spawn(config).await?;
-    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // One future for the whole run: a SIGTERM arriving during a reload is not lost.
     let stop = wait_for_signal();
     tokio::pin!(stop);
