@@ -71,7 +71,7 @@ fn respond(
 
 /// Pool gauges are read from bb8 at scrape time, so they are exact and cost nothing between scrapes.
 fn refresh_pool_gauges(shared: &Shared) {
-    for s in shared.pools.stats() {
+    for s in shared.runtime().pools.stats() {
         let up = s.name.to_string();
         metrics::gauge!(m::POOL_CONNECTIONS, "upstream" => up.clone()).set(s.connections as f64);
         metrics::gauge!(m::POOL_IDLE, "upstream" => up.clone()).set(s.idle as f64);

@@ -15,9 +15,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Token(args) => pgtenant::cli::token(args),
         Command::CheckConfig { config } => pgtenant::cli::check_config(&config),
-        Command::Serve { config } => {
-            let config = Config::load(&config)?;
-            runtime(config.runtime.worker_threads)?.block_on(pgtenant::server::run(config))
+        Command::Serve { config: path } => {
+            let config = Config::load(&path)?;
+            runtime(config.runtime.worker_threads)?.block_on(pgtenant::server::run(config, &path))
         }
         Command::Demo(args) => runtime(None)?.block_on(pgtenant::demo::run(args)),
         Command::Rls(cmd) => runtime(None)?.block_on(pgtenant::cli::rls(cmd)),

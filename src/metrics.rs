@@ -40,6 +40,7 @@ pub const AUDIT_OLDEST_UNSHIPPED_SECONDS: &str = "pgtenant_audit_oldest_unshippe
 pub const AUDIT_BATCH_SECONDS: &str = "pgtenant_audit_batch_seconds";
 pub const AUDIT_SHIP_ERRORS_TOTAL: &str = "pgtenant_audit_ship_errors_total";
 pub const AUDIT_REFUSED_TOTAL: &str = "pgtenant_audit_refused_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "pgtenant_config_reloads_total";
 
 /// The label value shared by tenants beyond the cap (and by all with `tenant_labels = false`).
 pub const OTHER_TENANT: &str = "other";
@@ -238,6 +239,10 @@ fn describe() {
     describe_counter!(
         AUDIT_REFUSED_TOTAL,
         "Sessions and statements refused because the audit spool was full (fail_closed), by what."
+    );
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Config reloads (SIGHUP or ProxyHandle::reload), by result (ok, error: the running config stayed)."
     );
     describe_gauge!(
         BUILD_INFO,

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -19,16 +20,64 @@ use crate::isolation::signed::SignedContext;
 use crate::pool::Pools;
 use crate::tenant::Router;
 
-/// State every session reads. Config and routing are snapshots swapped whole on reload.
-pub struct Shared {
-    config: ArcSwap<Config>,
-    router: ArcSwap<Router>,
+/// Everything a reload replaces, built together and swapped whole. A session loads one
+/// snapshot at its start and keeps its `Arc` to the end, so the config, routing, pool, guard
+/// and context it started with never change under it, and a reload never drops it.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub router: Router,
     pub verifier: JwtVerifier,
     pub pools: Pools,
     /// Signed tenant contexts of the upstreams with `context = "signed"`, by upstream name.
     pub contexts: HashMap<String, Arc<SignedContext>>,
     /// SQL guards of the shared upstreams with `guard = true`, by upstream name.
     pub guards: HashMap<String, Arc<Guard>>,
+}
+
+impl Runtime {
+    /// Builds everything from `config`; `previous` lends the pools of unchanged upstreams.
+    fn build(config: Config, previous: Option<&Runtime>) -> anyhow::Result<Runtime> {
+        config.validate()?;
+        let verifier = JwtVerifier::from_config(&config.jwt).context("[jwt]")?;
+        verifier.self_test().context("JWT crypto self-test")?;
+        let pools = match previous {
+            Some(prev) => prev.pools.reload(&prev.config, &config),
+            None => Pools::from_config(&config),
+        }
+        .context("[upstreams]")?;
+        let mut contexts = HashMap::new();
+        let mut guards = HashMap::new();
+        for (name, up) in &config.upstreams {
+            if up.kind == UpstreamKind::Shared && up.guard {
+                let rules = GuardConfig {
+                    tenant_setting: up.tenant_setting.clone(),
+                    ..up.guard_rules.clone()
+                };
+                guards.insert(name.clone(), Arc::new(Guard::new(rules)));
+            }
+            if let (ContextMode::Signed, Some(signed)) = (up.context, &up.signed_context) {
+                let ctx = signed
+                    .build()
+                    .with_context(|| format!("[upstreams.{name}.signed_context]"))?;
+                contexts.insert(name.clone(), Arc::new(ctx));
+            }
+        }
+        Ok(Runtime {
+            router: Router::from_config(&config),
+            config: Arc::new(config),
+            verifier,
+            pools,
+            contexts,
+            guards,
+        })
+    }
+}
+
+/// State every session reads. What a reload replaces is in `runtime`; the rest (the client
+/// listener's TLS, the connection-limit semaphores, cancel keys, the audit trail) lives as
+/// long as the process.
+pub struct Shared {
+    runtime: ArcSwap<Runtime>,
     pub cancels: CancelRegistry,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub pre_auth: Arc<Semaphore>,
@@ -36,16 +85,100 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// The audit trail, when `[audit]` is configured.
     pub audit: Option<Arc<crate::audit::Audit>>,
+    /// Reloads run one at a time: each builds on the snapshot it replaces.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
-    /// The config snapshot for one session or request; read once, not per message.
-    pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+    /// The current snapshot, for one session or request: load it once and keep it.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
     }
 
-    pub fn router(&self) -> Arc<Router> {
-        self.router.load_full()
+    /// The current config (part of `runtime()`).
+    pub fn config(&self) -> Arc<Config> {
+        self.runtime.load().config.clone()
+    }
+
+    /// Replaces the snapshot with one built from `new`. On any error the running snapshot
+    /// stays and the error is returned (and logged). Running sessions keep their snapshot.
+    pub async fn reload(&self, mut new: Config) -> anyhow::Result<()> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let current = self.runtime.load_full();
+        keep_restart_only(&current.config, &mut new);
+        let result = match Runtime::build(new, Some(&current)) {
+            Ok(next) => {
+                let kept: Vec<&str> = next
+                    .config
+                    .upstreams
+                    .keys()
+                    .filter(|name| next.pools.shares_pool_with(&current.pools, name))
+                    .map(String::as_str)
+                    .collect();
+                info!(
+                    upstreams = next.config.upstreams.len(),
+                    pools_kept = ?kept,
+                    "config reloaded; new sessions use it"
+                );
+                self.runtime.store(Arc::new(next));
+                Ok(())
+            }
+            Err(e) => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "config reload rejected; the running config stays"
+                );
+                Err(e)
+            }
+        };
+        let label = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "result" => label).increment(1);
+        result
+    }
+}
+
+/// Copies into `new` what only a restart can change (bound listeners and their TLS, the
+/// connection-limit semaphores, runtime threads, metric labels, the running audit trail),
+/// with a warning when the file asks for something else.
+fn keep_restart_only(running: &Config, new: &mut Config) {
+    fn keep<T: Clone>(section: &str, running: &T, new: &mut T, differs: bool) {
+        if differs {
+            warn!(section, "changed, but not reloadable; restart to apply it");
+        }
+        *new = running.clone();
+    }
+    // The sections have no PartialEq; their Debug text is a faithful enough comparison for a
+    // warning.
+    let listen_differs = format!("{:?}", running.listen) != format!("{:?}", new.listen);
+    keep("[listen]", &running.listen, &mut new.listen, listen_differs);
+    let admin_differs = format!("{:?}", running.admin) != format!("{:?}", new.admin);
+    keep("[admin]", &running.admin, &mut new.admin, admin_differs);
+    let runtime_differs = running.runtime.worker_threads != new.runtime.worker_threads;
+    keep(
+        "[runtime]",
+        &running.runtime,
+        &mut new.runtime,
+        runtime_differs,
+    );
+    let metrics_differs = running.metrics != new.metrics;
+    keep(
+        "[metrics]",
+        &running.metrics,
+        &mut new.metrics,
+        metrics_differs,
+    );
+    let audit_differs = format!("{:?}", running.audit) != format!("{:?}", new.audit);
+    keep("[audit]", &running.audit, &mut new.audit, audit_differs);
+    let (old_l, new_l) = (&running.limits, &mut new.limits);
+    if old_l.max_client_connections != new_l.max_client_connections
+        || old_l.max_pre_auth_connections != new_l.max_pre_auth_connections
+    {
+        warn!(
+            section = "[limits]",
+            "max_client_connections and max_pre_auth_connections need a restart; the other limits are reloaded"
+        );
+        new_l.max_client_connections = old_l.max_client_connections;
+        new_l.max_pre_auth_connections = old_l.max_pre_auth_connections;
     }
 }
 
@@ -62,6 +195,11 @@ impl ProxyHandle {
     /// Stops accepting; sessions end at their next idle point with 57P01.
     pub fn shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
+    }
+
+    /// Applies `new` to sessions that start from now on; see `Shared::reload`.
+    pub async fn reload(&self, new: Config) -> anyhow::Result<()> {
+        self.shared.reload(new).await
     }
 
     /// Shuts down: stops accepting, then waits up to `limits.shutdown_timeout` for sessions
@@ -103,8 +241,10 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
     crate::tls::install_crypto_provider();
     let metrics_handle = crate::metrics::install();
     crate::metrics::configure(&config.metrics);
-    let verifier = JwtVerifier::from_config(&config.jwt).context("[jwt]")?;
-    verifier.self_test().context("JWT crypto self-test")?;
+    // Everything reloadable first, so a bad config fails before the audit trail or a
+    // listener starts.
+    let runtime = Runtime::build(config, None)?;
+    let config = runtime.config.clone();
     let tls = match (
         &config.listen.tls_cert,
         &config.listen.tls_key,
@@ -116,24 +256,6 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         }
         _ => None,
     };
-    let pools = Pools::from_config(&config).context("[upstreams]")?;
-    let mut contexts = HashMap::new();
-    let mut guards = HashMap::new();
-    for (name, up) in &config.upstreams {
-        if up.kind == UpstreamKind::Shared && up.guard {
-            let rules = GuardConfig {
-                tenant_setting: up.tenant_setting.clone(),
-                ..up.guard_rules.clone()
-            };
-            guards.insert(name.clone(), Arc::new(Guard::new(rules)));
-        }
-        if let (ContextMode::Signed, Some(signed)) = (up.context, &up.signed_context) {
-            let ctx = signed
-                .build()
-                .with_context(|| format!("[upstreams.{name}.signed_context]"))?;
-            contexts.insert(name.clone(), Arc::new(ctx));
-        }
-    }
     let audit = match &config.audit {
         Some(audit_config) => {
             let tenant_urls = config
@@ -152,14 +274,10 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let shared = Arc::new(Shared {
-        router: ArcSwap::from_pointee(Router::from_config(&config)),
         pre_auth: Arc::new(Semaphore::new(config.limits.max_pre_auth_connections)),
         clients: Arc::new(Semaphore::new(config.limits.max_client_connections)),
-        config: ArcSwap::from_pointee(config),
-        verifier,
-        pools,
-        contexts,
-        guards,
+        runtime: ArcSwap::from_pointee(runtime),
+        reloading: tokio::sync::Mutex::new(()),
         cancels: CancelRegistry::default(),
         tls,
         shutdown: shutdown_rx.clone(),
@@ -218,15 +336,51 @@ async fn accept_loop(
     }
 }
 
-/// Runs until SIGINT or SIGTERM, then shuts down gracefully. Runs the doctor's isolation
-/// checks first (`[doctor] on_start`).
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs until SIGINT or SIGTERM, then shuts down gracefully; SIGHUP re-reads the config
+/// file at `path` and reloads it. Runs the doctor's isolation checks first (`[doctor] on_start`).
+pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed first: SIGHUP's default action would kill a process still starting.
+    let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     doctor_on_start(&config).await?;
     let handle = spawn(config).await?;
-    wait_for_signal().await;
+    // One future for the whole run: a SIGTERM arriving during a reload is not lost.
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            hup = hangups.recv() => match hup {
+                Some(()) => reload_from_file(&handle, path).await,
+                None => {
+                    (&mut stop).await;
+                    break;
+                }
+            },
+        }
+    }
     info!("shutting down");
     handle.stop().await;
     Ok(())
+}
+
+/// SIGHUP: load, check and apply the file; on any error the running config stays.
+async fn reload_from_file(handle: &ProxyHandle, path: &Path) {
+    info!(config = %path.display(), "SIGHUP: reloading the config");
+    let rejected = |error: String| {
+        warn!(config = %path.display(), error, "config reload rejected; the running config stays");
+        metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "result" => "error").increment(1);
+    };
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(e) => return rejected(e.to_string()),
+    };
+    // A reload may add or repoint a shared upstream: it gets the checks a start would run.
+    if let Err(e) = doctor_on_start(&new).await {
+        return rejected(format!("{e:#}"));
+    }
+    // `reload` logs and counts its own outcome.
+    let _ = handle.reload(new).await;
 }
 
 pub async fn wait_for_signal() {

@@ -61,7 +61,9 @@ pub struct PoolStats {
 /// All upstream pools, built once from the config. Pools connect lazily: no server
 /// connection exists before the first checkout.
 pub struct Pools {
-    pools: HashMap<Arc<str>, UpstreamPool>,
+    /// `Arc` so a reload can carry an unchanged upstream's pool (and its idle server
+    /// connections) into the new snapshot while old sessions still hold the old one.
+    pools: HashMap<Arc<str>, Arc<UpstreamPool>>,
 }
 
 impl std::fmt::Debug for Pools {
@@ -90,9 +92,38 @@ impl Pools {
         let mut pools = HashMap::new();
         for (name, up) in &cfg.upstreams {
             let pool = UpstreamPool::build(name, up)?;
+            pools.insert(pool.name.clone(), Arc::new(pool));
+        }
+        Ok(Pools { pools })
+    }
+
+    /// The pools for `new` after a reload from `old` (the config these pools were built
+    /// from): an upstream whose pool settings are unchanged keeps its pool, so its idle
+    /// server connections survive; the others get a fresh pool. Upstreams absent from `new`
+    /// are left out (sessions still holding the old `Pools` keep using them until they end).
+    pub fn reload(&self, old: &Config, new: &Config) -> Result<Pools, ServerError> {
+        let mut pools = HashMap::new();
+        for (name, up) in &new.upstreams {
+            let kept = old
+                .upstreams
+                .get(name)
+                .filter(|before| same_pool_settings(before, up))
+                .and_then(|_| self.pools.get(name.as_str()));
+            let pool = match kept {
+                Some(pool) => pool.clone(),
+                None => Arc::new(UpstreamPool::build(name, up)?),
+            };
             pools.insert(pool.name.clone(), pool);
         }
         Ok(Pools { pools })
+    }
+
+    /// Whether `upstream`'s pool is the very same object in both (a reload kept it).
+    pub fn shares_pool_with(&self, other: &Pools, upstream: &str) -> bool {
+        match (self.pools.get(upstream), other.pools.get(upstream)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 
     /// A connection from `upstream`'s pool, waiting up to its `checkout_timeout`.
@@ -180,8 +211,22 @@ impl Pools {
     fn pool(&self, upstream: &str) -> Result<&UpstreamPool, PoolError> {
         self.pools
             .get(upstream)
+            .map(|p| &**p)
             .ok_or_else(|| PoolError::UnknownUpstream(upstream.to_owned()))
     }
+}
+
+/// Everything `UpstreamPool::build` reads: when these are equal, the old pool's connections
+/// are exactly what a new pool would open. (Guard, context and tenant settings are applied
+/// per session, so they may change without replacing the pool.)
+fn same_pool_settings(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
+    a.url == b.url
+        && a.pool_size == b.pool_size
+        && a.checkout_timeout == b.checkout_timeout
+        && a.connect_timeout == b.connect_timeout
+        && a.idle_timeout == b.idle_timeout
+        && a.tls == b.tls
+        && a.tls_ca_file == b.tls_ca_file
 }
 
 impl UpstreamPool {

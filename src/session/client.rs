@@ -16,6 +16,9 @@ pub struct ClientConn {
     pub read_buf: BytesMut,
     pub peer: SocketAddr,
     pub tls: bool,
+    /// Largest frame accepted after authentication (`limits.max_client_frame_bytes` of the
+    /// session's config snapshot).
+    pub max_frame: u32,
 }
 
 impl ClientConn {

@@ -85,6 +85,7 @@ pub async fn handshake(
         read_buf: parts.read_buf,
         peer,
         tls: is_tls,
+        max_frame: config.limits.max_client_frame_bytes,
     };
     let startup = match first {
         Some(Ok(PgWireFrontendMessage::Startup(s))) => s,

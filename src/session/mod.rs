@@ -24,7 +24,7 @@ use crate::isolation::signed::{BackendIdentity, SignedContext};
 use crate::metrics as m;
 use crate::pool::PooledServer;
 use crate::protocol::messages;
-use crate::server::Shared;
+use crate::server::{Runtime, Shared};
 
 use audit_tap::{AuditGate, FilterChain, SessionAudit};
 use client::ClientConn;
@@ -38,10 +38,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         m_refused("pre_auth_limit");
         return;
     };
-    let config = shared.config();
+    // One snapshot for the whole session: a reload changes what later sessions get, never
+    // this one's verifier, route, pool, guard or context.
+    let rt = shared.runtime();
+    let config = &rt.config;
     let hello = tokio::time::timeout(
         config.limits.auth_timeout,
-        handshake::handshake(tcp, peer, &config, shared.tls.clone()),
+        handshake::handshake(tcp, peer, config, shared.tls.clone()),
     )
     .await;
     let audit = shared.audit.as_deref();
@@ -76,7 +79,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
 
     // No server connection is opened before the JWT verifies (design/reliability.md).
-    let identity = match shared.verifier.verify(&token) {
+    let identity = match rt.verifier.verify(&token) {
         Ok(id) => id,
         Err(e) => {
             let error = ClientError::from(e);
@@ -102,8 +105,15 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         conn.send_error(&ClientError::TooManyClients).await;
         return;
     };
-    if let Err(error) =
-        run_session(&mut conn, &params, &identity, &shared, session_audit.as_mut()).await
+    if let Err(error) = run_session(
+        &mut conn,
+        &params,
+        &identity,
+        &shared,
+        &rt,
+        session_audit.as_mut(),
+    )
+    .await
     {
         if !matches!(error, ClientError::ClientIo(_)) {
             conn.send_error(&error).await;
@@ -124,9 +134,10 @@ async fn run_session(
     params: &StartupParams,
     identity: &Identity,
     shared: &Shared,
+    rt: &Runtime,
     mut audit: Option<&mut SessionAudit>,
 ) -> Result<(), ClientError> {
-    let route = match shared.router().route(&identity.tenant) {
+    let route = match rt.router.route(&identity.tenant) {
         Ok(route) => route,
         Err(e) => {
             m_auth_failure("unknown_tenant");
@@ -156,7 +167,7 @@ async fn run_session(
     }
     // A multibyte client encoding such as SJIS lets SQL hide inside what the guard parses as
     // a string literal: guarded upstreams keep the server's UTF8.
-    let guarded = shared.guards.contains_key(&*upstream);
+    let guarded = rt.guards.contains_key(&*upstream);
     settings.extend(
         params
             .forwarded
@@ -168,7 +179,7 @@ async fn run_session(
     );
 
     let started = Instant::now();
-    let mut server = match shared.pools.checkout_ready(&upstream, &settings).await {
+    let mut server = match rt.pools.checkout_ready(&upstream, &settings).await {
         Ok(server) => server,
         Err(e) => {
             let error = ClientError::from(e);
@@ -179,7 +190,7 @@ async fn run_session(
             return Err(error);
         }
     };
-    let context = shared.contexts.get(&*upstream).cloned();
+    let context = rt.contexts.get(&*upstream).cloned();
     if let Some(ctx) = &context {
         if let Err(e) = enter_signed_context(ctx, &mut server, identity).await {
             metrics::counter!(m::CONTEXT_FAILURES_TOTAL, "upstream" => upstream.to_string(), "step" => "enter")
@@ -225,18 +236,17 @@ async fn run_session(
         a.session_start();
     }
 
-    let guard_filter = shared
-        .guards
-        .get(&*upstream)
-        .map(|guard| filter::GuardFilter {
-            guard,
-            tenant_label: &tenant_label,
-            upstream: &upstream,
-            allow_function_call: shared.config().upstreams[&*upstream].allow_function_call,
-            audit,
-        });
+    let guard_filter = rt.guards.get(&*upstream).map(|guard| filter::GuardFilter {
+        guard,
+        tenant_label: &tenant_label,
+        upstream: &upstream,
+        allow_function_call: rt.config.upstreams[&*upstream].allow_function_call,
+        audit,
+    });
     let gate = audit.map(|a| AuditGate { audit: &a.audit });
-    let mut chain = FilterChain { filters: Vec::new() };
+    let mut chain = FilterChain {
+        filters: Vec::new(),
+    };
     if let Some(gate) = &gate {
         chain.filters.push(gate);
     }
@@ -262,7 +272,8 @@ async fn run_session(
         shared,
         &labels,
         filter,
-        statement_audit.map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
+        statement_audit
+            .map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
     )
     .await;
 
@@ -348,7 +359,6 @@ async fn greet_and_relay(
     messages::ready_for_query(&mut hello, server.tx_status);
     conn.write_flush(&hello).await?;
 
-    let config = shared.config();
     let queries = metrics::counter!(m::QUERIES_TOTAL, labels);
     let on_queries = &|n| queries.increment(n);
     let mut cycle = relay::Cycle::with_tracking(on_statement.is_some());
@@ -357,7 +367,7 @@ async fn greet_and_relay(
         client: &mut conn.io,
         client_buf: &mut conn.read_buf,
         server,
-        max_client_frame: config.limits.max_client_frame_bytes,
+        max_client_frame: conn.max_frame,
         cycle,
         stats: Default::default(),
         on_queries,
