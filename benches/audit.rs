@@ -37,7 +37,10 @@ fn tracker(c: &mut Criterion) {
         let now = Instant::now();
         t.on_client_frame(
             tags::PARSE,
-            &cstrs(&["P0_1", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"]),
+            &cstrs(&[
+                "P0_1",
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",
+            ]),
             now,
         );
         b.iter(|| {
@@ -57,7 +60,11 @@ fn summary(c: &mut Criterion) {
     let mut g = c.benchmark_group("audit_summary");
     g.bench_function("literal_free_text_cached", |b| {
         let mut s = Summarizer::default();
-        b.iter(|| s.summarize(black_box("SELECT abalance FROM pgbench_accounts WHERE aid = $1;")))
+        b.iter(|| {
+            s.summarize(black_box(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1;",
+            ))
+        })
     });
     g.bench_function("new_literal_same_shape", |b| {
         let mut s = Summarizer::default();

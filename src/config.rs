@@ -493,7 +493,9 @@ impl Config {
                         ConfigError::Invalid(format!("upstreams.{name}.audit_url: {e}"))
                     })?;
                     if up.kind != UpstreamKind::Dedicated {
-                        return invalid(format!("upstreams.{name}.audit_url is only for dedicated upstreams"));
+                        return invalid(format!(
+                            "upstreams.{name}.audit_url is only for dedicated upstreams"
+                        ));
                     }
                 }
             }

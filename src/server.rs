@@ -263,7 +263,10 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
                 .iter()
                 .filter_map(|(name, up)| up.audit_url.clone().map(|url| (name.clone(), url)))
                 .collect();
-            Some(crate::audit::Audit::start(audit_config.clone(), &tenant_urls).context("[audit]")?)
+            Some(
+                crate::audit::Audit::start(audit_config.clone(), &tenant_urls)
+                    .context("[audit]")?,
+            )
         }
         None => None,
     };

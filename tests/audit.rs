@@ -110,13 +110,20 @@ async fn assert_unique_keys(admin: &Client, table: &str) {
         .unwrap();
     let (all, keys, contents): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(all, keys, "duplicate event keys in {table}");
-    assert_eq!(all, contents, "the same event stored twice under different keys in {table}");
+    assert_eq!(
+        all, contents,
+        "the same event stored twice under different keys in {table}"
+    );
 }
 
 /// One session's statements: 4 succeed (simple, extended, a two-statement string), 1 fails.
 async fn run_statements(client: &Client) {
     client.simple_query("SELECT 1").await.unwrap();
-    let n: i32 = client.query_one("SELECT $1::int", &[&7]).await.unwrap().get(0);
+    let n: i32 = client
+        .query_one("SELECT $1::int", &[&7])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 7);
     client.batch_execute("SELECT 1; SELECT 2").await.unwrap();
     let err = client.simple_query("SELECT 1/0").await.unwrap_err();
@@ -129,7 +136,8 @@ async fn every_session_and_statement_becomes_exactly_one_row() {
     let table = "audit_counts";
     let url = audit_db(env.pg, table).await;
     let spool = tempfile::tempdir().unwrap();
-    let proxy = common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
+    let proxy =
+        common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
 
     // 2 sessions each of a dedicated (acme) and a shared (medcorp) tenant.
     for tenant in ["acme", "medcorp", "acme", "medcorp"] {
@@ -145,7 +153,10 @@ async fn every_session_and_statement_becomes_exactly_one_row() {
         }
     }
     let forged = common::token("acme", "mallory").replace('.', "x.");
-    let e = common::try_connect(proxy.addr, &forged).await.err().unwrap();
+    let e = common::try_connect(proxy.addr, &forged)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(common::sqlstate(&e), "28P01");
 
     let admin = env.pg.admin_client("audit").await.unwrap();
@@ -164,7 +175,12 @@ async fn every_session_and_statement_becomes_exactly_one_row() {
             "{tenant}: 4 per session (simple, extended, and both of the two-statement string)"
         );
         assert_eq!(
-            count(&admin, table, &format!("{who} AND NOT success AND sqlstate = '22012' AND command_tag IS NULL")).await,
+            count(
+                &admin,
+                table,
+                &format!("{who} AND NOT success AND sqlstate = '22012' AND command_tag IS NULL")
+            )
+            .await,
             2,
             "{tenant}"
         );
@@ -179,7 +195,10 @@ async fn every_session_and_statement_becomes_exactly_one_row() {
         );
     }
     // Every statement has a fingerprint; executions of one shape share it; shapes differ.
-    assert_eq!(count(&admin, table, "event = 'statement' AND fingerprint IS NULL").await, 0);
+    assert_eq!(
+        count(&admin, table, "event = 'statement' AND fingerprint IS NULL").await,
+        0
+    );
     let distinct = |filter: &'static str| {
         let admin = &admin;
         async move {
@@ -200,7 +219,9 @@ async fn every_session_and_statement_becomes_exactly_one_row() {
     assert_eq!(count(&admin, table, "statement IS NOT NULL").await, 0);
     let blocked = admin
         .query_one(
-            &format!("SELECT sqlstate, reason, tenant_id FROM {table} WHERE event = 'blocked' LIMIT 1"),
+            &format!(
+                "SELECT sqlstate, reason, tenant_id FROM {table} WHERE event = 'blocked' LIMIT 1"
+            ),
             &[],
         )
         .await
@@ -254,13 +275,19 @@ async fn statement_text_is_kept_only_when_asked_and_truncated() {
     let admin = env.pg.admin_client("audit").await.unwrap();
     wait_rows(&admin, table, "event = 'statement'", 2).await;
     let texts: Vec<String> = admin
-        .query(&format!("SELECT statement FROM {table} WHERE event = 'statement' ORDER BY event_seq"), &[])
+        .query(
+            &format!("SELECT statement FROM {table} WHERE event = 'statement' ORDER BY event_seq"),
+            &[],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(texts, vec!["SELECT 'a rather lon".to_string(), "SELECT 2".to_string()]);
+    assert_eq!(
+        texts,
+        vec!["SELECT 'a rather lon".to_string(), "SELECT 2".to_string()]
+    );
     proxy.stop().await;
 }
 
@@ -270,7 +297,8 @@ async fn a_client_cannot_roll_back_its_audit_rows() {
     let table = "audit_rollback";
     let url = audit_db(env.pg, table).await;
     let spool = tempfile::tempdir().unwrap();
-    let proxy = common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
+    let proxy =
+        common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
     let client = common::connect(proxy.addr, "techstart").await;
     client
         .batch_execute(
@@ -279,21 +307,39 @@ async fn a_client_cannot_roll_back_its_audit_rows() {
         .await
         .unwrap();
     // The table never existed: the client's transaction rolled back...
-    let e = client.simple_query("SELECT * FROM audit_rb").await.unwrap_err();
+    let e = client
+        .simple_query("SELECT * FROM audit_rb")
+        .await
+        .unwrap_err();
     assert_eq!(common::sqlstate(&e), "42P01");
     drop(client);
     // ...but its audit rows were written by pgtenant's own connection.
     let admin = env.pg.admin_client("audit").await.unwrap();
     wait_rows(&admin, table, "event = 'session_end'", 1).await;
-    for (tag, rows) in [("BEGIN", "IS NULL"), ("CREATE TABLE", "IS NULL"), ("INSERT 0 2", "= 2"), ("ROLLBACK", "IS NULL")] {
+    for (tag, rows) in [
+        ("BEGIN", "IS NULL"),
+        ("CREATE TABLE", "IS NULL"),
+        ("INSERT 0 2", "= 2"),
+        ("ROLLBACK", "IS NULL"),
+    ] {
         assert_eq!(
-            count(&admin, table, &format!("command_tag = '{tag}' AND rows {rows} AND tenant_id = 'techstart'")).await,
+            count(
+                &admin,
+                table,
+                &format!("command_tag = '{tag}' AND rows {rows} AND tenant_id = 'techstart'")
+            )
+            .await,
             1,
             "{tag}"
         );
     }
     assert_eq!(
-        count(&admin, table, "event = 'statement' AND table_name = 'audit_rb' AND operation = 'INSERT'").await,
+        count(
+            &admin,
+            table,
+            "event = 'statement' AND table_name = 'audit_rb' AND operation = 'INSERT'"
+        )
+        .await,
         1
     );
     proxy.stop().await;
@@ -306,7 +352,8 @@ async fn audit_database_outage_under_load_loses_and_duplicates_nothing() {
     let table = "audit_tenant_access";
     let url = audit_db(&audit_pg, table).await;
     let spool = tempfile::tempdir().unwrap();
-    let proxy = common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
+    let proxy =
+        common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
     let audit = proxy.shared.audit.clone().unwrap();
 
     // Some events shipped while it is up...
@@ -337,7 +384,10 @@ async fn audit_database_outage_under_load_loses_and_duplicates_nothing() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let written_while_down = audit.written();
-    assert_eq!(written_while_down, 3, "nothing can be written while the database is down");
+    assert_eq!(
+        written_while_down, 3,
+        "nothing can be written while the database is down"
+    );
     assert_eq!(audit.dropped(), 0);
 
     audit_pg.start_server().unwrap();
@@ -345,7 +395,12 @@ async fn audit_database_outage_under_load_loses_and_duplicates_nothing() {
     let expected = 3 + (sessions * (per_session + 2)) as i64;
     wait_rows(&admin, table, "true", expected).await;
     assert_eq!(
-        count(&admin, table, "event = 'statement' AND command_tag = 'SELECT 1'").await,
+        count(
+            &admin,
+            table,
+            "event = 'statement' AND command_tag = 'SELECT 1'"
+        )
+        .await,
         1 + (sessions * per_session) as i64
     );
     assert_unique_keys(&admin, table).await;
@@ -374,7 +429,13 @@ fn tiny_spool(url: &str, spool: &Path, on_full: OnFull) -> AuditConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_refuses_statements_and_sessions_when_the_spool_is_full() {
     let spool = tempfile::tempdir().unwrap();
-    let proxy = common::start_proxy(|c| with_audit(c, tiny_spool(&unreachable_url(), spool.path(), OnFull::FailClosed))).await;
+    let proxy = common::start_proxy(|c| {
+        with_audit(
+            c,
+            tiny_spool(&unreachable_url(), spool.path(), OnFull::FailClosed),
+        )
+    })
+    .await;
     let audit = proxy.shared.audit.clone().unwrap();
     let client = common::connect(proxy.addr, "acme").await;
     let mut refused = None;
@@ -390,19 +451,35 @@ async fn fail_closed_refuses_statements_and_sessions_when_the_spool_is_full() {
     let (after, e) = refused.expect("a full spool must refuse statements");
     assert!(after > 5, "refused too early: after {after} statements");
     assert_eq!(common::sqlstate(&e), "57P03");
-    assert!(e.to_string().contains("audit") || format!("{e:?}").contains("audit"), "{e:?}");
+    assert!(
+        e.to_string().contains("audit") || format!("{e:?}").contains("audit"),
+        "{e:?}"
+    );
     // The session stays usable for when the spool drains; new sessions are refused.
-    let e = common::try_connect(proxy.addr, &common::token("acme", "a")).await.err().unwrap();
+    let e = common::try_connect(proxy.addr, &common::token("acme", "a"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(common::sqlstate(&e), "57P03");
     assert!(!audit.accepting());
-    assert_eq!(audit.dropped(), 0, "fail_closed keeps every event it accepted");
+    assert_eq!(
+        audit.dropped(),
+        0,
+        "fail_closed keeps every event it accepted"
+    );
     drop(client);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_keeps_serving_and_counts_drops() {
     let spool = tempfile::tempdir().unwrap();
-    let proxy = common::start_proxy(|c| with_audit(c, tiny_spool(&unreachable_url(), spool.path(), OnFull::FailOpen))).await;
+    let proxy = common::start_proxy(|c| {
+        with_audit(
+            c,
+            tiny_spool(&unreachable_url(), spool.path(), OnFull::FailOpen),
+        )
+    })
+    .await;
     let audit = proxy.shared.audit.clone().unwrap();
     let client = common::connect(proxy.addr, "acme").await;
     for _ in 0..300 {
@@ -413,15 +490,23 @@ async fn fail_open_keeps_serving_and_counts_drops() {
     while audit.dropped() == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(audit.dropped() > 0, "a full spool in fail_open drops and counts");
+    assert!(
+        audit.dropped() > 0,
+        "a full spool in fail_open drops and counts"
+    );
     assert!(audit.accepting());
-    common::try_connect(proxy.addr, &common::token("acme", "a")).await.unwrap();
+    common::try_connect(proxy.addr, &common::token("acme", "a"))
+        .await
+        .unwrap();
 }
 
 // ---- kill -9: a real pgtenant process ----
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 struct Child {
@@ -477,8 +562,16 @@ async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
     if let Some(at) = text.find("\n[audit]") {
         text.truncate(at);
     }
-    text = text.replacen(&format!("addr = \"{}\"", env.demo.listen), &format!("addr = \"{addr}\""), 1);
-    text = text.replacen(&format!("addr = \"{}\"", env.demo.admin), &format!("addr = \"{admin}\""), 1);
+    text = text.replacen(
+        &format!("addr = \"{}\"", env.demo.listen),
+        &format!("addr = \"{addr}\""),
+        1,
+    );
+    text = text.replacen(
+        &format!("addr = \"{}\"", env.demo.admin),
+        &format!("addr = \"{admin}\""),
+        1,
+    );
     text.push_str(&format!(
         "\n[doctor]\non_start = \"off\"\n\n[audit]\nurl = {}\nspool_dir = {}\nship_timeout = \"1s\"\n",
         toml::Value::String(url.clone()),
@@ -519,12 +612,21 @@ async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
     let audit = audit_pg.admin_client("audit").await.unwrap();
     wait_rows(&audit, table, "true", expected as i64).await;
     assert_eq!(
-        count(&audit, table, "event = 'statement' AND command_tag = 'SELECT 1'").await,
+        count(
+            &audit,
+            table,
+            "event = 'statement' AND command_tag = 'SELECT 1'"
+        )
+        .await,
         (sessions * per_session) as i64
     );
     assert_unique_keys(&audit, table).await;
     let (_, body) = common::http_get(&format!("http://{}/metrics", second.admin)).await;
-    assert_eq!(metric(&body, "pgtenant_audit_events_replayed_total"), expected, "{body}");
+    assert_eq!(
+        metric(&body, "pgtenant_audit_events_replayed_total"),
+        expected,
+        "{body}"
+    );
     second.child.kill().unwrap();
     second.child.wait().unwrap();
 }
@@ -560,7 +662,10 @@ async fn tenant_sink_keeps_a_dedicated_tenants_events_in_its_own_database() {
     wait_rows(&acme_db, central_table, "tenant_id = 'acme'", 3).await;
     wait_rows(&audit, central_table, "tenant_id = 'globex'", 3).await;
     assert_eq!(count(&audit, central_table, "tenant_id = 'acme'").await, 0);
-    assert_eq!(count(&acme_db, central_table, "tenant_id <> 'acme'").await, 0);
+    assert_eq!(
+        count(&acme_db, central_table, "tenant_id <> 'acme'").await,
+        0
+    );
     proxy.stop().await;
 }
 
@@ -570,7 +675,8 @@ async fn shutdown_flushes_every_event_into_the_table() {
     let table = "audit_shutdown";
     let url = audit_db(env.pg, table).await;
     let spool = tempfile::tempdir().unwrap();
-    let proxy = common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
+    let proxy =
+        common::start_proxy(|c| with_audit(c, audit_config(&url, table, spool.path()))).await;
     let sessions = 3;
     let per_session = 40;
     for tenant in ["acme", "globex", "initech"] {
@@ -609,7 +715,13 @@ async fn session_level_records_sessions_and_blocks_but_no_statements() {
     proxy.stop().await;
     let admin = env.pg.admin_client("audit").await.unwrap();
     assert_eq!(count(&admin, table, "event = 'session_start'").await, 1);
-    assert_eq!(count(&admin, table, "event = 'session_end' AND statements >= 5").await, 1);
-    assert_eq!(count(&admin, table, "event = 'blocked' AND tenant_id = 'medcorp'").await, 1);
+    assert_eq!(
+        count(&admin, table, "event = 'session_end' AND statements >= 5").await,
+        1
+    );
+    assert_eq!(
+        count(&admin, table, "event = 'blocked' AND tenant_id = 'medcorp'").await,
+        1
+    );
     assert_eq!(count(&admin, table, "event = 'statement'").await, 0);
 }

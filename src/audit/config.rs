@@ -137,13 +137,18 @@ impl AuditConfig {
         crate::pool::UpstreamTarget::from_url(&self.url).map_err(|e| format!("audit.url: {e}"))?;
         super::schema::TableName::parse(&self.table).map_err(|e| format!("audit.table: {e}"))?;
         if self.spool_segment_bytes < 4096 || self.spool_segment_bytes > self.spool_max_bytes {
-            return Err("audit.spool_segment_bytes must be at least 4096 and at most spool_max_bytes".into());
+            return Err(
+                "audit.spool_segment_bytes must be at least 4096 and at most spool_max_bytes"
+                    .into(),
+            );
         }
         if self.batch_size == 0 || self.batch_size > 50_000 {
             return Err("audit.batch_size must be between 1 and 50000".into());
         }
         if self.flush_interval > Duration::from_secs(1) {
-            return Err("audit.flush_interval above 1s is refused (events wait in memory that long)".into());
+            return Err(
+                "audit.flush_interval above 1s is refused (events wait in memory that long)".into(),
+            );
         }
         if self.queue_capacity == 0 {
             return Err("audit.queue_capacity must be at least 1".into());

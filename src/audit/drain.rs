@@ -51,8 +51,8 @@ impl Drain {
                         return;
                     }
                     // A missed wake-up costs at most this long.
-                    let _ = tokio::time::timeout(Duration::from_millis(250), notify.notified())
-                        .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(250), notify.notified()).await;
                     continue;
                 }
                 Err(e) => {

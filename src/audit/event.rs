@@ -191,7 +191,10 @@ mod tests {
         record.tenant_id = None;
         record.tables.clear();
         let json = serde_json::to_string(&record).unwrap();
-        assert!(!json.contains("tenant_id") && !json.contains("\"tables\""), "{json}");
+        assert!(
+            !json.contains("tenant_id") && !json.contains("\"tables\""),
+            "{json}"
+        );
         let back: AuditRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(back, record);
     }

@@ -108,7 +108,11 @@ impl Audit {
             });
             anyhow::Ok(writer::SpoolTarget { label, writer })
         };
-        let central = open("central".into(), config.spool_dir.join("central"), &config.url)?;
+        let central = open(
+            "central".into(),
+            config.spool_dir.join("central"),
+            &config.url,
+        )?;
         let mut tenants = HashMap::new();
         if config.sink == AuditSink::Tenant {
             for (upstream, url) in tenant_urls {
@@ -139,10 +143,7 @@ impl Audit {
                 writer_shared.writer_done.store(true, Ordering::Release);
             })
             .context("starting the audit writer thread")?;
-        let drains = drains
-            .into_iter()
-            .map(|d| tokio::spawn(d.run()))
-            .collect();
+        let drains = drains.into_iter().map(|d| tokio::spawn(d.run())).collect();
         Ok(Arc::new(Audit {
             config,
             tx,

@@ -595,7 +595,9 @@ mod tests {
                 "{column} missing"
             );
         }
-        assert!(sql.contains("CONSTRAINT \"trail_event_key\" PRIMARY KEY (event_instance, event_seq)"));
+        assert!(
+            sql.contains("CONSTRAINT \"trail_event_key\" PRIMARY KEY (event_instance, event_seq)")
+        );
         let grants = grants_sql(&t, "aud\"it");
         assert!(
             grants.contains("REVOKE ALL ON TABLE \"audit\".\"trail\" FROM PUBLIC, \"aud\"\"it\";")

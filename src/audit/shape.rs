@@ -68,7 +68,8 @@ fn plain_shape(sql: &str) -> Option<Shape> {
                 return None;
             }
             None
-        } else if b.is_ascii_digit() || (b == b'.' && s.get(i + 1).is_some_and(u8::is_ascii_digit)) {
+        } else if b.is_ascii_digit() || (b == b'.' && s.get(i + 1).is_some_and(u8::is_ascii_digit))
+        {
             i = number_end(s, i);
             // `1abc`, `0x1F`, `1_000`: leave the edge cases to PostgreSQL's lexer.
             if s.get(i).is_some_and(|c| is_ident_char(*c) || *c == b'.') {

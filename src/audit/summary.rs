@@ -141,9 +141,17 @@ fn first_keyword(stmt: &str) -> Option<String> {
     let mut rest = stmt.trim_start();
     loop {
         if let Some(after) = rest.strip_prefix("--") {
-            rest = after.split_once('\n').map(|(_, r)| r).unwrap_or("").trim_start();
+            rest = after
+                .split_once('\n')
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .trim_start();
         } else if let Some(after) = rest.strip_prefix("/*") {
-            rest = after.split_once("*/").map(|(_, r)| r).unwrap_or("").trim_start();
+            rest = after
+                .split_once("*/")
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .trim_start();
         } else if let Some(after) = rest.strip_prefix('(') {
             rest = after.trim_start();
         } else {
@@ -187,7 +195,10 @@ mod tests {
         assert_eq!(a[0].keyword.as_deref(), Some("UPDATE"));
         assert_eq!(a[0].tables, vec!["orders".to_string()]);
         assert_eq!(s.by_text.len(), 1);
-        assert!(Arc::ptr_eq(&a, &s.summarize("UPDATE orders SET total = $1 WHERE id = $2")));
+        assert!(Arc::ptr_eq(
+            &a,
+            &s.summarize("UPDATE orders SET total = $1 WHERE id = $2")
+        ));
     }
 
     #[test]
@@ -200,7 +211,10 @@ mod tests {
         assert_eq!(parts[0].tables, vec!["z".to_string(), "a".to_string()]);
         assert_eq!(parts[1].tables, vec!["b".to_string(), "c".to_string()]);
         assert_eq!(parts[2].keyword.as_deref(), Some("COMMIT"));
-        assert_eq!(&sql[parts[1].range.clone()].trim(), &"SELECT * FROM c JOIN b ON true");
+        assert_eq!(
+            &sql[parts[1].range.clone()].trim(),
+            &"SELECT * FROM c JOIN b ON true"
+        );
     }
 
     #[test]
@@ -209,6 +223,9 @@ mod tests {
         let bad = s.summarize("SELEC oops FROM");
         assert_eq!(bad[0].fingerprint, None);
         assert_eq!(bad[0].keyword.as_deref(), Some("SELEC"));
-        assert_eq!(first_keyword("/* hi */ -- x\n (select 1)").as_deref(), Some("SELECT"));
+        assert_eq!(
+            first_keyword("/* hi */ -- x\n (select 1)").as_deref(),
+            Some("SELECT")
+        );
     }
 }

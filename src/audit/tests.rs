@@ -337,7 +337,14 @@ async fn shipping_fails_fast_while_the_server_is_down_and_recovers() {
         .unwrap();
     let timeout = Duration::from_secs(3);
     let mut shipper = Shipper::new(&writer_url(&pg), table(), timeout).unwrap();
-    assert_eq!(shipper.ship(&[auth_failure(1)], false).await.unwrap().inserted, 1);
+    assert_eq!(
+        shipper
+            .ship(&[auth_failure(1)], false)
+            .await
+            .unwrap()
+            .inserted,
+        1
+    );
 
     pg.stop_server("fast").unwrap();
     for seq in [2, 3] {

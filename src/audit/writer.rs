@@ -65,9 +65,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.shared
-                .queued
-                .fetch_sub(events.len(), Ordering::AcqRel);
+            self.shared.queued.fetch_sub(events.len(), Ordering::AcqRel);
             self.write(&mut events);
         }
     }
@@ -163,7 +161,11 @@ impl Writer {
                 .and_then(|t| t.split(' ').next())
                 .map(str::to_string)
                 .or_else(|| summary.keyword.clone());
-            record.rows = st.command_tag.as_deref().and_then(rows_of).map(|r| r as i64);
+            record.rows = st
+                .command_tag
+                .as_deref()
+                .and_then(rows_of)
+                .map(|r| r as i64);
             record.command_tag = st.command_tag;
             record.duration_us = Some(st.duration.as_micros() as i64);
             if self.config.log_statement_text {
@@ -197,7 +199,12 @@ fn truncate(text: &str, max: usize) -> String {
 }
 
 /// Appends one batch, applying `on_full` when the spool cannot take it.
-fn append(target: &mut SpoolTarget, records: &[Vec<u8>], shared: &AuditShared, config: &AuditConfig) {
+fn append(
+    target: &mut SpoolTarget,
+    records: &[Vec<u8>],
+    shared: &AuditShared,
+    config: &AuditConfig,
+) {
     let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
     let mut waiting_since: Option<Instant> = None;
     loop {
@@ -219,14 +226,17 @@ fn append(target: &mut SpoolTarget, records: &[Vec<u8>], shared: &AuditShared, c
         if config.on_full == OnFull::FailOpen || closing {
             metrics::counter!(m::AUDIT_EVENTS_DROPPED_TOTAL, "reason" => reason)
                 .increment(records.len() as u64);
-            shared.dropped.fetch_add(records.len() as u64, Ordering::Relaxed);
+            shared
+                .dropped
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
             warn!(sink = %target.label, events = records.len(), reason, "audit events dropped (on_full = fail_open or shutting down)");
             return;
         }
         // fail_closed: keep these events and wait for the shipper to make room; new
         // sessions and statements are refused meanwhile (see `Audit::accepting`).
         let since = *waiting_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > Duration::from_secs(60) && since.elapsed().as_secs().is_multiple_of(60) {
+        if since.elapsed() > Duration::from_secs(60) && since.elapsed().as_secs().is_multiple_of(60)
+        {
             warn!(sink = %target.label, "audit spool still full; statements are being refused");
         }
         std::thread::sleep(Duration::from_millis(20));

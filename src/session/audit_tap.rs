@@ -24,7 +24,12 @@ pub struct SessionAudit {
 }
 
 impl SessionAudit {
-    pub fn new(audit: Arc<Audit>, identity: &Identity, peer: SocketAddr, app: Option<&str>) -> Self {
+    pub fn new(
+        audit: Arc<Audit>,
+        identity: &Identity,
+        peer: SocketAddr,
+        app: Option<&str>,
+    ) -> Self {
         let info = SessionInfo {
             session_id: audit.new_session_id(),
             tenant: Some(identity.tenant.as_str().to_string()),

@@ -94,9 +94,10 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     drop(token);
     drop(pre_auth);
-    let mut session_audit = shared.audit.clone().map(|audit| {
-        SessionAudit::new(audit, &identity, peer, params.application_name.as_deref())
-    });
+    let mut session_audit = shared
+        .audit
+        .clone()
+        .map(|audit| SessionAudit::new(audit, &identity, peer, params.application_name.as_deref()));
     let Ok(_client_slot) = shared.clients.clone().try_acquire_owned() else {
         m_refused("too_many_clients");
         if let Some(a) = &session_audit {

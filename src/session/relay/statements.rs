@@ -105,8 +105,7 @@ impl StatementTracker {
                 }
             }
             tags::BIND => {
-                if let (Some(portal), Some(stmt)) = (take_cstr(&mut body), take_cstr(&mut body))
-                {
+                if let (Some(portal), Some(stmt)) = (take_cstr(&mut body), take_cstr(&mut body)) {
                     let sql = self.prepared.get(stmt).unwrap_or_else(empty);
                     self.portals.insert(portal, sql);
                 }
@@ -115,7 +114,8 @@ impl StatementTracker {
                 let sql = take_cstr(&mut body)
                     .and_then(|portal| self.portals.get(portal))
                     .unwrap_or_else(empty);
-                self.pending.push_back(Pending::Execute { sql, started: now });
+                self.pending
+                    .push_back(Pending::Execute { sql, started: now });
             }
             tags::CLOSE => {
                 if let Some((&kind, mut rest)) = body.split_first() {
@@ -142,8 +142,8 @@ impl StatementTracker {
     pub fn on_server_frame(&mut self, tag: u8, body: &[u8], now: Instant) {
         match tag {
             tags::COMMAND_COMPLETE if !self.skipping => {
-                let command_tag = take_cstr(&mut &body[..])
-                    .map(|t| String::from_utf8_lossy(t).into_owned());
+                let command_tag =
+                    take_cstr(&mut &body[..]).map(|t| String::from_utf8_lossy(t).into_owned());
                 self.complete(command_tag, None, now);
             }
             tags::ERROR_RESPONSE if !self.skipping => {

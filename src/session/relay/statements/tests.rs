@@ -23,7 +23,14 @@ fn error_body(code: &str) -> Vec<u8> {
 fn tags_of(t: &StatementTracker) -> Vec<(String, u32, Option<String>, Option<String>)> {
     t.completed
         .iter()
-        .map(|c| (c.sql.to_string(), c.index, c.command_tag.clone(), c.sqlstate.clone()))
+        .map(|c| {
+            (
+                c.sql.to_string(),
+                c.index,
+                c.command_tag.clone(),
+                c.sqlstate.clone(),
+            )
+        })
         .collect()
 }
 
@@ -119,7 +126,11 @@ fn empty_query_and_suspended_portals_produce_no_event() {
     t.expect_ready();
     t.on_server_frame(tags::EMPTY_QUERY_RESPONSE, b"", now);
     t.on_server_frame(tags::READY_FOR_QUERY, b"I", now);
-    t.on_client_frame(tags::PARSE, &cstrs(&["", "SELECT g FROM generate_series(1,10) g"]), now);
+    t.on_client_frame(
+        tags::PARSE,
+        &cstrs(&["", "SELECT g FROM generate_series(1,10) g"]),
+        now,
+    );
     t.on_client_frame(tags::BIND, &cstrs(&["", ""]), now);
     t.on_client_frame(tags::EXECUTE, &cstrs(&[""]), now);
     t.on_client_frame(tags::EXECUTE, &cstrs(&[""]), now);
