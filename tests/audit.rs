@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,8 @@ use pgtenant::audit::{AuditConfig, OnFull};
 use pgtenant::config::Config;
 use pgtenant::embedded_pg::TempPg;
 use tokio_postgres::Client;
+
+use common::serve::{self, metric, Serve};
 
 const WRITER: &str = "pgtenant_audit";
 const WRITER_PASSWORD: &str = "audit-writer-pw-3f9a";
@@ -502,53 +503,9 @@ async fn fail_open_keeps_serving_and_counts_drops() {
 
 // ---- kill -9: a real pgtenant process ----
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Child {
-    child: std::process::Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-fn spawn_pgtenant(config: &Path, addr: SocketAddr, admin: SocketAddr) -> Child {
-    let log = std::fs::File::create(config.with_extension("log")).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Child { child, addr, admin }
-}
-
-async fn wait_listening(c: &Child, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(c.addr).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "pgtenant did not start: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
-    let env = common::env();
+    common::env();
     let audit_pg = TempPg::start_async().await.unwrap();
     let table = "audit_tenant_access";
     let url = audit_db(&audit_pg, table).await;
@@ -556,37 +513,21 @@ async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
 
     let dir = tempfile::tempdir().unwrap();
     let spool: PathBuf = dir.path().join("spool");
-    let (addr, admin) = (free_addr(), free_addr());
-    // The demo's own [audit] section is replaced by this test's.
-    let mut text = env.demo.config_text.clone();
-    if let Some(at) = text.find("\n[audit]") {
-        text.truncate(at);
-    }
-    text = text.replacen(
-        &format!("addr = \"{}\"", env.demo.listen),
-        &format!("addr = \"{addr}\""),
-        1,
-    );
-    text = text.replacen(
-        &format!("addr = \"{}\"", env.demo.admin),
-        &format!("addr = \"{admin}\""),
-        1,
-    );
+    let (addr, admin) = (serve::free_addr(), serve::free_addr());
+    let mut text = serve::config_text(addr, admin);
     text.push_str(&format!(
-        "\n[doctor]\non_start = \"off\"\n\n[audit]\nurl = {}\nspool_dir = {}\nship_timeout = \"1s\"\n",
+        "\n[audit]\nurl = {}\nspool_dir = {}\nship_timeout = \"1s\"\n",
         toml::Value::String(url.clone()),
         toml::Value::String(spool.display().to_string())
     ));
     let config = dir.path().join("pgtenant.toml");
     std::fs::write(&config, &text).unwrap();
-    let log = config.with_extension("log");
 
-    let mut first = spawn_pgtenant(&config, addr, admin);
-    wait_listening(&first, &log).await;
+    let first = Serve::start(&config, addr, admin).await;
     let sessions = 3;
     let per_session = 10;
     for tenant in ["acme", "medcorp", "bench"].iter().take(sessions) {
-        let client = common::connect(first.addr, tenant).await;
+        let client = common::connect(addr, tenant).await;
         for _ in 0..per_session {
             client.simple_query("SELECT 1").await.unwrap();
         }
@@ -595,7 +536,7 @@ async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
     // Every event is in the spool (written, not shipped) before the kill.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, body) = common::http_get(&format!("http://{}/metrics", first.admin)).await;
+        let body = first.metrics().await;
         if metric(&body, "pgtenant_audit_events_spooled_total") >= expected {
             assert_eq!(metric(&body, "pgtenant_audit_events_written_total"), 0.0);
             break;
@@ -603,12 +544,10 @@ async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
         assert!(Instant::now() < deadline, "events not spooled: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    first.child.kill().unwrap(); // SIGKILL
-    first.child.wait().unwrap();
+    first.kill(); // SIGKILL
 
     audit_pg.start_server().unwrap();
-    let mut second = spawn_pgtenant(&config, addr, admin);
-    wait_listening(&second, &log).await;
+    let second = Serve::start(&config, addr, admin).await;
     let audit = audit_pg.admin_client("audit").await.unwrap();
     wait_rows(&audit, table, "true", expected as i64).await;
     assert_eq!(
@@ -621,14 +560,12 @@ async fn kill_9_with_unshipped_events_then_restart_replays_them_exactly_once() {
         (sessions * per_session) as i64
     );
     assert_unique_keys(&audit, table).await;
-    let (_, body) = common::http_get(&format!("http://{}/metrics", second.admin)).await;
+    let body = second.metrics().await;
     assert_eq!(
         metric(&body, "pgtenant_audit_events_replayed_total"),
         expected,
         "{body}"
     );
-    second.child.kill().unwrap();
-    second.child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use pgtenant::config::Config;
 use tokio_postgres::Client;
+
+use common::serve::{self, metric, Serve};
 
 /// The demo config with nothing routed to `globex` (it reaches `shared` only through
 /// `tenants.default` in the demo).
@@ -33,13 +36,6 @@ async fn refused_with(addr: SocketAddr, password: &str) -> String {
         Ok(_) => "connected".into(),
         Err(e) => common::sqlstate(&e),
     }
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,49 +145,6 @@ async fn reload_rotates_the_jwt_key_for_new_sessions() {
     proxy.stop().await;
 }
 
-/// The demo config as a file for the real binary: its own ports, no doctor, no audit.
-fn serve_config_text(addr: SocketAddr, admin: SocketAddr) -> String {
-    let env = common::env();
-    let mut text = env.demo.config_text.clone();
-    if let Some(at) = text.find("\n[audit]") {
-        text.truncate(at);
-    }
-    text = text.replacen(
-        &format!("addr = \"{}\"", env.demo.listen),
-        &format!("addr = \"{addr}\""),
-        1,
-    );
-    text = text.replacen(
-        &format!("addr = \"{}\"", env.demo.admin),
-        &format!("addr = \"{admin}\""),
-        1,
-    );
-    text.push_str("\n[doctor]\non_start = \"off\"\n");
-    text
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Kills the child on drop, so a failed assertion does not leave a proxy running.
-struct Serve(std::process::Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn hangup(child: &Serve) {
-    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-}
-
 async fn eventually(log: &Path, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !check().await {
@@ -206,24 +159,13 @@ async fn eventually(log: &Path, what: &str, mut check: impl AsyncFnMut() -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_config_file_of_pgtenant_serve() {
-    let (addr, admin) = (free_addr(), free_addr());
+    let (addr, admin) = (serve::free_addr(), serve::free_addr());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pgtenant.toml");
-    let log = config.with_extension("log");
-    let text = serve_config_text(addr, admin);
+    let text = serve::config_text(addr, admin);
     std::fs::write(&config, &text).unwrap();
-    let child = Serve(
-        std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    eventually(&log, "pgtenant did not start", async || {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
-    })
-    .await;
+    let child = Serve::start(&config, addr, admin).await;
+    let log = child.log.clone();
     let globex = common::token("globex", "hank@globex.example");
     let open = common::try_connect(addr, &globex)
         .await
@@ -236,7 +178,7 @@ async fn sighup_reloads_the_config_file_of_pgtenant_serve() {
         "the demo config routes the default to shared"
     );
     std::fs::write(&config, &unrouted).unwrap();
-    hangup(&child);
+    child.signal(Signal::SIGHUP);
     eventually(&log, "SIGHUP did not unroute globex", async || {
         refused_with(addr, &globex).await == "28000"
     })
@@ -245,7 +187,7 @@ async fn sighup_reloads_the_config_file_of_pgtenant_serve() {
 
     // An unparsable file: rejected, counted, and the running config stays.
     std::fs::write(&config, "this is [not toml").unwrap();
-    hangup(&child);
+    child.signal(Signal::SIGHUP);
     eventually(&log, "the bad file was not counted", async || {
         let (_, body) = common::http_get(&format!("http://{admin}/metrics")).await;
         metric(&body, "pgtenant_config_reloads_total{result=\"error\"}") >= 1.0

@@ -158,10 +158,6 @@ impl Audit {
         self.config.level
     }
 
-    pub fn config(&self) -> &AuditConfig {
-        &self.config
-    }
-
     /// A session id, unique within this process.
     pub fn new_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)

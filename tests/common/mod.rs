@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod raw;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::process::Output;
