@@ -282,7 +282,8 @@ impl Cycle {
     }
 
     /// The server sent ReadyForQuery. Returns an error to insert before it, if one is due.
-    pub fn on_server_ready(&mut self) -> Option<Bytes> {
+    /// `now` is the time the server's bytes were read (one clock read serves the whole read).
+    pub fn on_server_ready(&mut self, now: Instant) -> Option<Bytes> {
         let (error, started) = match self.expects.pop_front() {
             Some(Expect::ServerWithError(error, started)) => (Some(error), started),
             Some(Expect::Server(started)) => (None, started),
@@ -295,7 +296,7 @@ impl Cycle {
             None => return None,
         };
         if let Some(h) = &self.query_seconds {
-            h.record(started.elapsed().as_secs_f64());
+            h.record(now.saturating_duration_since(started).as_secs_f64());
         }
         error
     }

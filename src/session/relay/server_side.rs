@@ -83,7 +83,7 @@ impl ServerSide<'_> {
                     if let Some(status) = body.first() {
                         *tx_status = *status;
                     }
-                    if let Some(error) = cycle.on_server_ready() {
+                    if let Some(error) = cycle.on_server_ready(now) {
                         splices.push((at, error));
                     }
                     let mut due = BytesMut::new();

@@ -60,7 +60,7 @@ fn allowed_query_is_forwarded_and_awaits_ready() {
     assert_eq!(p.queries, 1);
     assert!(!c.idle());
     assert!(locals(&mut c).is_empty());
-    assert_eq!(c.on_server_ready(), None);
+    assert_eq!(c.on_server_ready(Instant::now()), None);
     assert!(c.idle());
 }
 
@@ -90,10 +90,10 @@ fn refusal_waits_for_earlier_answers_in_a_pipeline() {
     assert_eq!(p.queries, 3);
     // Not yet: the server has not answered SELECT 1.
     assert!(locals(&mut c).is_empty());
-    assert_eq!(c.on_server_ready(), None);
+    assert_eq!(c.on_server_ready(Instant::now()), None);
     assert_eq!(locals(&mut c)[0], tags::ERROR_RESPONSE);
     assert!(!c.idle(), "SELECT 3 still in flight");
-    assert_eq!(c.on_server_ready(), None);
+    assert_eq!(c.on_server_ready(Instant::now()), None);
     assert!(c.idle());
 }
 
@@ -124,7 +124,7 @@ fn refused_parse_after_forwarded_messages_errors_before_the_servers_ready() {
     assert_eq!(forwarded(&p, &bytes), expected);
     assert!(locals(&mut c).is_empty());
     let before_ready = c
-        .on_server_ready()
+        .on_server_ready(Instant::now())
         .expect("error goes before the server's ReadyForQuery");
     assert_eq!(before_ready[0], tags::ERROR_RESPONSE);
     assert!(c.idle());
@@ -143,7 +143,7 @@ fn discarding_spans_reads() {
     let p = plan(&mut c, &second);
     assert_eq!(forwarded(&p, &second), query("SELECT 2"));
     assert_eq!(locals(&mut c)[0], tags::ERROR_RESPONSE);
-    assert_eq!(c.on_server_ready(), None);
+    assert_eq!(c.on_server_ready(Instant::now()), None);
     assert!(c.idle());
 }
 
