@@ -3,6 +3,8 @@
 //! Kubernetes ConfigMap parse and validate with the real config loader. Cheap: no network,
 //! no database, no external tool (scripts/validate-deploy.sh runs those).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use pgtenant::config::Config;
@@ -46,19 +48,11 @@ fn dashboard_uses_only_defined_metrics() {
     );
     let mut found = Vec::new();
     exprs(&dashboard, &mut found);
-    let known = read("src/metrics.rs");
-    let re = regex::Regex::new(r"pgtenant_[a-z_]+").expect("regex");
     let mut names = 0;
     for expr in &found {
-        for m in re.find_iter(expr) {
-            let name = m.as_str();
-            let base = name
-                .strip_suffix("_bucket")
-                .or_else(|| name.strip_suffix("_count"))
-                .or_else(|| name.strip_suffix("_sum"))
-                .unwrap_or(name);
+        for (name, defined) in common::metric_references(expr) {
             assert!(
-                known.contains(&format!("\"{base}\"")),
+                defined,
                 "the dashboard names {name}, which src/metrics.rs does not define (in {expr})"
             );
             names += 1;

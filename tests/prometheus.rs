@@ -452,19 +452,9 @@ fn promtool_accepts_the_alert_rules() {
     );
     // Every pgtenant_ series an expression names exists in src/metrics.rs.
     let text = std::fs::read_to_string(&rules).expect("read rules");
-    let known =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"))
-            .expect("read metrics.rs");
-    let re = regex::Regex::new(r"pgtenant_[a-z_]+").expect("regex");
-    for m in re.find_iter(&text) {
-        let name = m.as_str();
-        let base = name
-            .strip_suffix("_bucket")
-            .or_else(|| name.strip_suffix("_count"))
-            .or_else(|| name.strip_suffix("_sum"))
-            .unwrap_or(name);
+    for (name, defined) in common::metric_references(&text) {
         assert!(
-            known.contains(&format!("\"{base}\"")),
+            defined,
             "alerts.yml names {name}, which src/metrics.rs does not define"
         );
     }

@@ -208,3 +208,25 @@ pub async fn http_get(url: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Every `pgtenant_` series `text` names (histogram `_bucket`/`_count`/`_sum` taken back to
+/// their base name), each with whether `src/metrics.rs` defines it. For the files that query
+/// metrics by name (alert rules, dashboards), so a renamed metric cannot leave them stale.
+pub fn metric_references(text: &str) -> Vec<(String, bool)> {
+    let known = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"),
+    )
+    .expect("read src/metrics.rs");
+    let re = regex::Regex::new(r"pgtenant_[a-z_]+").expect("regex");
+    re.find_iter(text)
+        .map(|m| {
+            let name = m.as_str();
+            let base = name
+                .strip_suffix("_bucket")
+                .or_else(|| name.strip_suffix("_count"))
+                .or_else(|| name.strip_suffix("_sum"))
+                .unwrap_or(name);
+            (name.to_string(), known.contains(&format!("\"{base}\"")))
+        })
+        .collect()
+}
