@@ -206,7 +206,8 @@ fn append(
     config: &AuditConfig,
 ) {
     let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
-    let mut waiting_since: Option<Instant> = None;
+    // When the last "still full" warning was logged: one a minute, not one per retry.
+    let mut warned_at: Option<Instant> = None;
     loop {
         let reason = match target.writer.append(&refs) {
             Ok(()) => {
@@ -234,10 +235,9 @@ fn append(
         }
         // fail_closed: keep these events and wait for the shipper to make room; new
         // sessions and statements are refused meanwhile (see `Audit::accepting`).
-        let since = *waiting_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > Duration::from_secs(60) && since.elapsed().as_secs().is_multiple_of(60)
-        {
-            warn!(sink = %target.label, "audit spool still full; statements are being refused");
+        if warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            warn!(sink = %target.label, "audit spool full; new sessions and statements are refused until it drains");
+            warned_at = Some(Instant::now());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
