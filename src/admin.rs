@@ -71,7 +71,13 @@ fn respond(
 
 /// Pool gauges are read from bb8 at scrape time, so they are exact and cost nothing between scrapes.
 fn refresh_pool_gauges(shared: &Shared) {
-    for s in shared.runtime().pools.stats() {
+    let rt = shared.runtime();
+    let directory = rt
+        .directory
+        .as_ref()
+        .map(|d| d.pool_stats())
+        .unwrap_or_default();
+    for s in rt.pools.stats().into_iter().chain(directory) {
         let up = s.name.to_string();
         metrics::gauge!(m::POOL_CONNECTIONS, "upstream" => up.clone()).set(s.connections as f64);
         metrics::gauge!(m::POOL_IDLE, "upstream" => up.clone()).set(s.idle as f64);

@@ -46,6 +46,9 @@ pub struct Config {
     /// The audit trail; absent means no audit.
     #[serde(default)]
     pub audit: Option<crate::audit::AuditConfig>,
+    /// The live tenant directory; absent means only `[tenants]` routes.
+    #[serde(default)]
+    pub directory: Option<crate::tenant::DirectoryConfig>,
 }
 
 /// `pgtenant serve` runs the doctor's isolation checks on every shared upstream at start.
@@ -499,6 +502,11 @@ impl Config {
                     }
                 }
             }
+        }
+        if let Some(directory) = &self.directory {
+            directory
+                .validate(&self.upstreams)
+                .map_err(ConfigError::Invalid)?;
         }
         if self.jwt.leeway_secs > 300 {
             return invalid("jwt.leeway_secs above 300 is refused".into());

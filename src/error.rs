@@ -8,7 +8,7 @@ use crate::auth::AuthError;
 use crate::pool::{PoolError, ServerError};
 use crate::protocol::frame::{FrameError, ReadFrameError};
 use crate::protocol::messages::Severity;
-use crate::tenant::RouteError;
+use crate::tenant::{DirectoryError, ResolveError, RouteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -40,6 +40,17 @@ pub enum ClientError {
     ServerLost,
     #[error("client connection lost: {0}")]
     ClientIo(#[from] std::io::Error),
+    #[error("{0}")]
+    Directory(#[from] DirectoryError),
+}
+
+impl From<ResolveError> for ClientError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::Route(e) => ClientError::Route(e),
+            ResolveError::Directory(e) => ClientError::Directory(e),
+        }
+    }
 }
 
 impl From<FrameError> for ClientError {
@@ -97,6 +108,12 @@ impl ClientError {
             }
             ClientError::Context(_) => SqlState::CANNOT_CONNECT_NOW,
             ClientError::ServerLost | ClientError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
+            ClientError::Directory(DirectoryError::Suspended) => {
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            }
+            // Retryable: the metadata database may be back in a moment.
+            ClientError::Directory(DirectoryError::Unavailable) => SqlState::CANNOT_CONNECT_NOW,
+            ClientError::Directory(DirectoryError::Invalid { .. }) => SqlState::INTERNAL_ERROR,
         }
     }
 
@@ -142,6 +159,9 @@ impl ClientError {
             ClientError::Context(_) => "context",
             ClientError::ServerLost => "server_lost",
             ClientError::ClientIo(_) => "client_io",
+            ClientError::Directory(DirectoryError::Suspended) => "tenant_suspended",
+            ClientError::Directory(DirectoryError::Unavailable) => "directory_unavailable",
+            ClientError::Directory(DirectoryError::Invalid { .. }) => "directory_invalid",
         }
     }
 }
@@ -176,6 +196,16 @@ mod tests {
                 "08001",
             ),
             (ClientError::ShuttingDown, "57P01"),
+            (DirectoryError::Suspended.into(), "28000"),
+            (DirectoryError::Unavailable.into(), "57P03"),
+            (
+                DirectoryError::Invalid {
+                    tenant: "t".into(),
+                    reason: "r".into(),
+                }
+                .into(),
+                "XX000",
+            ),
             (ClientError::AuditFull, "57P03"),
             (
                 PoolError::Setup {
@@ -193,6 +223,14 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(err.to_wire().code, code, "{err:?}");
         }
+    }
+
+    #[test]
+    fn directory_refusals_say_what_happened() {
+        let suspended = ClientError::from(DirectoryError::Suspended).to_wire();
+        assert_eq!(suspended.message, "tenant suspended");
+        let down = ClientError::from(DirectoryError::Unavailable).to_wire();
+        assert_eq!(down.message, "tenant directory unavailable");
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub const AUDIT_BATCH_SECONDS: &str = "pgtenant_audit_batch_seconds";
 pub const AUDIT_SHIP_ERRORS_TOTAL: &str = "pgtenant_audit_ship_errors_total";
 pub const AUDIT_REFUSED_TOTAL: &str = "pgtenant_audit_refused_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "pgtenant_config_reloads_total";
+pub const DIRECTORY_LOOKUPS_TOTAL: &str = "pgtenant_directory_lookups_total";
+pub const DIRECTORY_QUERIES_TOTAL: &str = "pgtenant_directory_queries_total";
+pub const DIRECTORY_INVALIDATIONS_TOTAL: &str = "pgtenant_directory_invalidations_total";
+pub const DIRECTORY_STALENESS_SECONDS: &str = "pgtenant_directory_staleness_seconds";
+pub const DIRECTORY_LOOKUP_SECONDS: &str = "pgtenant_directory_lookup_seconds";
 
 /// The label value shared by tenants beyond the cap (and by all with `tenant_labels = false`).
 pub const OTHER_TENANT: &str = "other";
@@ -243,6 +248,28 @@ fn describe() {
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
         "Config reloads (SIGHUP or ProxyHandle::reload), by result (ok, error: the running config stayed)."
+    );
+    describe_counter!(
+        DIRECTORY_LOOKUPS_TOTAL,
+        "Tenant directory lookups, by result (hit, negative: cached \"no row\", miss: asked the metadata database, stale: served past the TTL while it was unreachable, error: refused)."
+    );
+    describe_counter!(
+        DIRECTORY_QUERIES_TOTAL,
+        "Directory queries sent to the metadata database (concurrent lookups of one tenant share one)."
+    );
+    describe_counter!(
+        DIRECTORY_INVALIDATIONS_TOTAL,
+        "Directory cache invalidations, by scope (tenant, all: from NOTIFY; reconnect: the LISTEN connection was made again)."
+    );
+    describe_gauge!(
+        DIRECTORY_STALENESS_SECONDS,
+        Unit::Seconds,
+        "Seconds since the last successful contact with the tenant directory's metadata database; 0 while it is reachable."
+    );
+    describe_histogram!(
+        DIRECTORY_LOOKUP_SECONDS,
+        Unit::Seconds,
+        "Time to resolve a tenant through the directory (cache hits included)."
     );
     describe_gauge!(
         BUILD_INFO,

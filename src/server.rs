@@ -32,6 +32,8 @@ pub struct Runtime {
     pub contexts: HashMap<String, Arc<SignedContext>>,
     /// SQL guards of the shared upstreams with `guard = true`, by upstream name.
     pub guards: HashMap<String, Arc<Guard>>,
+    /// The live tenant directory (`[directory]`), kept across reloads that leave it unchanged.
+    pub directory: Option<Arc<crate::tenant::Directory>>,
 }
 
 impl Runtime {
@@ -62,7 +64,13 @@ impl Runtime {
                 contexts.insert(name.clone(), Arc::new(ctx));
             }
         }
+        let directory = crate::tenant::Directory::for_config(
+            &config,
+            previous.and_then(|p| Some((p.directory.as_ref()?, &*p.config))),
+        )
+        .map_err(|e| anyhow::anyhow!("[directory]: {e}"))?;
         Ok(Runtime {
+            directory,
             router: Router::from_config(&config),
             config: Arc::new(config),
             verifier,

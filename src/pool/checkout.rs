@@ -118,6 +118,19 @@ impl Pools {
         Ok(Pools { pools })
     }
 
+    /// One pool named `name` that connects to `target` with `up`'s pool settings (its `url`
+    /// is not read). For upstreams described at run time, such as tenant directory rows.
+    pub fn single(
+        name: &str,
+        up: &UpstreamConfig,
+        target: UpstreamTarget,
+    ) -> Result<Pools, ServerError> {
+        let pool = UpstreamPool::build_for(name, up, target)?;
+        let mut pools = HashMap::new();
+        pools.insert(pool.name.clone(), Arc::new(pool));
+        Ok(Pools { pools })
+    }
+
     /// Whether `upstream`'s pool is the very same object in both (a reload kept it).
     pub fn shares_pool_with(&self, other: &Pools, upstream: &str) -> bool {
         match (self.pools.get(upstream), other.pools.get(upstream)) {
@@ -233,6 +246,15 @@ impl UpstreamPool {
     fn build(name: &str, up: &UpstreamConfig) -> Result<UpstreamPool, ServerError> {
         let invalid = |m: String| ServerError::Config(format!("upstreams.{name}: {m}"));
         let target = UpstreamTarget::from_url(&up.url).map_err(|e| invalid(format!("url: {e}")))?;
+        Self::build_for(name, up, target)
+    }
+
+    fn build_for(
+        name: &str,
+        up: &UpstreamConfig,
+        target: UpstreamTarget,
+    ) -> Result<UpstreamPool, ServerError> {
+        let invalid = |m: String| ServerError::Config(format!("upstreams.{name}: {m}"));
         if up.pool_size == 0 {
             return Err(invalid("pool_size must be at least 1".into()));
         }

@@ -25,6 +25,7 @@ use crate::metrics as m;
 use crate::pool::PooledServer;
 use crate::protocol::messages;
 use crate::server::{Runtime, Shared};
+use crate::tenant::DirectoryError;
 
 use audit_tap::{AuditGate, FilterChain, SessionAudit};
 use client::ClientConn;
@@ -138,17 +139,32 @@ async fn run_session(
     rt: &Runtime,
     mut audit: Option<&mut SessionAudit>,
 ) -> Result<(), ClientError> {
-    let route = match rt.router.route(&identity.tenant) {
-        Ok(route) => route,
+    let directory = rt.directory.as_deref();
+    let resolved = crate::tenant::resolve(&rt.router, directory, &rt.config, &identity.tenant);
+    let (route, pools) = match resolved.await {
+        Ok(resolved) => (resolved.route, resolved.pools),
         Err(e) => {
-            m_auth_failure("unknown_tenant");
             let error = ClientError::from(e);
+            // Unknown or suspended tenants fail authentication; a directory that cannot
+            // answer refuses the session.
+            let kind = match &error {
+                ClientError::Route(_) | ClientError::Directory(DirectoryError::Suspended) => {
+                    m_auth_failure(error.label());
+                    EventKind::AuthFailure
+                }
+                _ => {
+                    m_refused(error.label());
+                    EventKind::SessionRefused
+                }
+            };
             if let Some(a) = &audit {
-                a.refused(EventKind::AuthFailure, &error);
+                a.refused(kind, &error);
             }
             return Err(error);
         }
     };
+    // A database described by the directory has a pool of its own.
+    let pools = pools.as_deref().unwrap_or(&rt.pools);
     let upstream = route.upstream.clone();
     if let Some(a) = audit.as_mut() {
         a.set_upstream(&upstream);
@@ -180,7 +196,7 @@ async fn run_session(
     );
 
     let started = Instant::now();
-    let mut server = match rt.pools.checkout_ready(&upstream, &settings).await {
+    let mut server = match pools.checkout_ready(&upstream, &settings).await {
         Ok(server) => server,
         Err(e) => {
             let error = ClientError::from(e);

@@ -1,7 +1,10 @@
-//! Tenant identity and routing: which upstream serves a verified tenant.
+//! Tenant identity and routing: which upstream serves a verified tenant (the live
+//! `directory` first when configured, then the static `Router`).
 
+pub mod directory;
 mod router;
 
+pub use directory::{resolve, Directory, DirectoryConfig, DirectoryError, ResolveError, Resolved};
 pub use router::{Route, RouteError, Router};
 
 use std::fmt;

@@ -22,6 +22,19 @@ pub struct Route {
     pub tenant_setting: Option<Arc<str>>,
 }
 
+impl Route {
+    /// The route to the configured upstream `name`, if there is one.
+    pub fn for_upstream(cfg: &Config, name: &str) -> Option<Route> {
+        let up = cfg.upstreams.get(name)?;
+        Some(Route {
+            upstream: Arc::from(name),
+            kind: up.kind,
+            tenant_setting: (up.kind == UpstreamKind::Shared)
+                .then(|| Arc::from(up.tenant_setting.as_str())),
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct Router {
     explicit: HashMap<String, Route>,
