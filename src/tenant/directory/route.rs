@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::config::{Config, UpstreamKind};
 use crate::pool::{Pools, UpstreamTarget};
 
-use super::{DirRow, Inner, Resolved, Route};
+use super::{DirRow, DirectoryConfig, Inner, Resolved, Route};
 
 /// Resolves `row` against the running `config`. The error is a reason for the operator; it
 /// names upstreams, hosts and credential references, never a password.
@@ -40,12 +40,11 @@ pub(super) fn resolve_row(
 /// Where a described database is, and with which login. Fields the row leaves NULL come
 /// from the template upstream.
 pub(super) fn described_target(
-    inner: &Inner,
+    directory: &DirectoryConfig,
     row: &DirRow,
     config: &Config,
 ) -> Result<UpstreamTarget, String> {
-    let template_name = inner
-        .config
+    let template_name = directory
         .template
         .as_deref()
         .ok_or("the row describes a database but directory.template is not set")?;
@@ -71,8 +70,7 @@ pub(super) fn described_target(
     }
     target.database = row.database.clone().unwrap_or_default();
     if let Some(reference) = &row.credentials {
-        let creds = inner
-            .config
+        let creds = directory
             .credentials
             .get(reference)
             .ok_or_else(|| format!("the row names unknown credentials {reference:?} (no [directory.credentials.{reference}])"))?;
@@ -98,7 +96,7 @@ fn described_pool(
     row: &DirRow,
     config: &Config,
 ) -> Result<(Arc<str>, Arc<Pools>), String> {
-    let target = described_target(inner, row, config)?;
+    let target = described_target(&inner.config, row, config)?;
     let name = pool_name(&target, row.credentials.as_deref());
     let mut pools = inner.pools.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(existing) = pools.get(&name) {
