@@ -149,8 +149,9 @@ where
             done = &mut listen, if !listening => match done {
                 Ok(()) => {
                     listening = true;
-                    inner.health.set_listening(true);
+                    // Forget first: whoever sees `listening()` sees no pre-LISTEN answer.
                     inner.invalidate(Scope::Reconnect, None);
+                    inner.health.set_listening(true);
                     tracing::info!(metadata = %inner.db.addr, %channel, "tenant directory listening for invalidations");
                 }
                 Err(e) => return format!("LISTEN failed: {}", describe(&e)),

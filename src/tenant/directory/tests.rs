@@ -290,3 +290,38 @@ fn quoted_channel_names() {
     );
     assert_eq!(listen::quote_ident("a\"b"), "\"a\"\"b\"");
 }
+
+#[test]
+fn the_shipped_directory_examples_validate_with_the_example_config() {
+    for var in [
+        "PGTENANT_SHARED_PASSWORD",
+        "PGTENANT_ACME_PASSWORD",
+        "PGTENANT_AUDIT_PASSWORD",
+        "PGTENANT_CUSTOMER_DB_PASSWORD",
+        "PGTENANT_TENANT_DB_PASSWORD",
+        "PGTENANT_DIRECTORY_PASSWORD",
+        "PGTENANT_OPS_DB_PASSWORD",
+    ] {
+        std::env::set_var(var, "example-pw");
+    }
+    let base = include_str!("../../../config/pgtenant.example.toml");
+    let examples = [
+        (
+            include_str!("../../../config/directory-customer-domains.toml"),
+            "customer_template",
+            "customer_domains",
+        ),
+        (
+            include_str!("../../../config/directory-tenants.toml"),
+            "tenant_template",
+            "FROM tenants",
+        ),
+    ];
+    for (fragment, template, table) in examples {
+        let cfg = Config::parse(&format!("{base}\n{fragment}")).unwrap();
+        cfg.validate().unwrap();
+        let d = cfg.directory.unwrap();
+        assert_eq!(d.template.as_deref(), Some(template));
+        assert!(d.query.contains(table), "{}", d.query);
+    }
+}
