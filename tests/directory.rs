@@ -516,3 +516,45 @@ async fn credentials_never_appear_in_errors_logs_or_metrics() {
     assert!(log.contains("unusable tenant directory row"), "{log}");
     serve.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_an_unchanged_directory_and_replaces_a_changed_one() {
+    let pg = common::env().pg;
+    let (url, meta) = metadata(pg, "reload", CUSTOMER_DOMAINS).await;
+    meta.batch_execute(
+        "INSERT INTO customer_domains VALUES ('medcorp', 'medcorp.example', 'acme_db', '127.0.0.1', NULL, true)",
+    )
+    .await
+    .unwrap();
+    let dir_config = directory(&url, MOVING_QUERY, "ttl = \"1h\"\n");
+    let config = common::config(|c| c.directory = Some(dir_config.clone()));
+    let proxy = pgtenant::server::spawn(config.clone()).await.unwrap();
+    let first = running_directory(&proxy);
+    assert_eq!(lands_on(proxy.addr, "medcorp").await, db("acme_db"));
+
+    proxy.reload(config.clone()).await.unwrap();
+    let kept = running_directory(&proxy);
+    assert!(
+        Arc::ptr_eq(&first, &kept),
+        "an unchanged [directory] is kept"
+    );
+
+    // A new query: a new directory, and new sessions follow it.
+    let mut changed = config.clone();
+    changed.directory = Some(directory(
+        &url,
+        "SELECT 'shared' AS upstream, true AS active WHERE $1 <> ''",
+        "",
+    ));
+    proxy.reload(changed).await.unwrap();
+    assert!(!Arc::ptr_eq(&first, &running_directory(&proxy)));
+    assert_eq!(lands_on(proxy.addr, "medcorp").await, db("saas"));
+
+    // No [directory]: only [tenants] routes.
+    let mut without = config;
+    without.directory = None;
+    proxy.reload(without).await.unwrap();
+    assert!(proxy.shared.runtime().directory.is_none());
+    assert_eq!(lands_on(proxy.addr, "acme").await, db("acme_db"));
+    proxy.stop().await;
+}
