@@ -325,3 +325,23 @@ fn the_shipped_directory_examples_validate_with_the_example_config() {
         assert!(d.query.contains(table), "{}", d.query);
     }
 }
+
+#[test]
+fn staleness_is_zero_while_healthy_and_counts_from_the_last_contact() {
+    let health = listen::Health::new();
+    assert_eq!(health.staleness(), Duration::ZERO);
+    health.record_query_failure("connection refused");
+    assert!(health.staleness() > Duration::ZERO);
+    assert_eq!(
+        health
+            .recent_query_failure(Duration::from_secs(60))
+            .as_deref(),
+        Some("connection refused")
+    );
+    assert!(health.recent_query_failure(Duration::ZERO).is_none());
+    health.record_ok();
+    assert_eq!(health.staleness(), Duration::ZERO);
+    assert!(health
+        .recent_query_failure(Duration::from_secs(60))
+        .is_none());
+}
