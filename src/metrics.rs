@@ -41,6 +41,9 @@ pub const AUDIT_BATCH_SECONDS: &str = "pgtenant_audit_batch_seconds";
 pub const AUDIT_SHIP_ERRORS_TOTAL: &str = "pgtenant_audit_ship_errors_total";
 pub const AUDIT_REFUSED_TOTAL: &str = "pgtenant_audit_refused_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "pgtenant_config_reloads_total";
+pub const JWKS_REFRESHES_TOTAL: &str = "pgtenant_jwks_refreshes_total";
+pub const JWKS_KEYS: &str = "pgtenant_jwks_keys";
+pub const JWKS_AGE_SECONDS: &str = "pgtenant_jwks_age_seconds";
 
 /// The label value shared by tenants beyond the cap (and by all with `tenant_labels = false`).
 pub const OTHER_TENANT: &str = "other";
@@ -184,7 +187,10 @@ fn describe() {
         UPSTREAM_CONNECT_ERRORS,
         "Failed connection attempts to an upstream."
     );
-    describe_counter!(CANCEL_REQUESTS, "CancelRequests received, by result.");
+    describe_counter!(
+        CANCEL_REQUESTS,
+        "CancelRequests received, by result (forwarded, unknown_key, throttled, failed; with [cluster]: forwarded_peer, unknown_peer, peer_failed, peer_loop)."
+    );
     describe_counter!(
         ISOLATION_VIOLATIONS_TOTAL,
         "Statements refused by the isolation guard, by tenant and rule."
@@ -243,6 +249,19 @@ fn describe() {
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
         "Config reloads (SIGHUP or ProxyHandle::reload), by result (ok, error: the running config stayed)."
+    );
+    describe_counter!(
+        JWKS_REFRESHES_TOTAL,
+        "Fetches of [jwt] jwks_url, by result (ok: new keys, unchanged, error: the previous keys stay)."
+    );
+    describe_gauge!(
+        JWKS_KEYS,
+        "Usable keys in the key set fetched from [jwt] jwks_url."
+    );
+    describe_gauge!(
+        JWKS_AGE_SECONDS,
+        Unit::Seconds,
+        "Time since the last successful fetch of [jwt] jwks_url; past jwks_max_staleness tokens are refused."
     );
     describe_gauge!(
         BUILD_INFO,
