@@ -2,6 +2,7 @@
 //! payload) so every rejection path can be reached; the suites are split by topic.
 
 mod issue;
+mod jwks_url;
 mod keys;
 mod rules;
 
