@@ -347,3 +347,60 @@ async fn a_reload_with_the_same_url_keeps_the_fetched_keys() {
     other.start().await.unwrap();
     assert_eq!(server.hits(), 2, "other settings: a source of its own");
 }
+
+#[tokio::test]
+async fn https_verifies_the_server_against_the_configured_ca() {
+    crate::tls::install_crypto_provider();
+    let (k1, e1, _) = ec_pair(&PKCS_ECDSA_P256_SHA256);
+    let (cert_pem, key_pem) = crate::tls::self_signed(&["localhost"]).unwrap();
+    let cert = temp_file(cert_pem.as_bytes());
+    let acceptor = {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = json!({ "keys": [ec_jwk(&k1, "k1")] }).to_string();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(response.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let url = format!("https://localhost:{port}/jwks");
+
+    // The built-in web roots do not know this certificate: no keys, no start.
+    let err = JwtVerifier::from_config(&url_cfg(&url, &["ES256"]))
+        .unwrap()
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("TLS"), "{err}");
+
+    let with_ca = JwtConfig {
+        jwks_ca_file: Some(cert.path().to_path_buf()),
+        ..url_cfg(&url, &["ES256"])
+    };
+    let v = started(&with_ca).await;
+    assert!(v.verify(&es256("k1", &e1)).is_ok());
+}
