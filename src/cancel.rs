@@ -1,6 +1,7 @@
 //! Cancel keys: pgtenant hands each client its own BackendKeyData and maps it to the server
-//! backend currently serving that client. Client keys are never forwarded; server keys never
-//! reach clients.
+//! backend currently serving that client. Client keys are never forwarded to servers; server
+//! keys never reach clients. With `[cluster]`, a key another replica issued is passed on to
+//! that replica (`cluster`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use crate::cluster::{self, ClusterConfig};
 use crate::protocol::messages::cancel_request;
 
 /// The key pgtenant gave a client (its BackendKeyData).
@@ -34,24 +36,36 @@ pub struct CancelRegistry {
     keys: DashMap<ClientKey, Option<CancelTarget>>,
     /// Bounds concurrent outgoing cancels so a cancel storm cannot exhaust sockets.
     in_flight: Arc<Semaphore>,
+    /// `[cluster] replica_id`, written into every key (0 without `[cluster]`).
+    replica_id: u8,
 }
 
 impl Default for CancelRegistry {
     fn default() -> Self {
-        CancelRegistry {
-            keys: DashMap::new(),
-            in_flight: Arc::new(Semaphore::new(64)),
-        }
+        CancelRegistry::new(0)
     }
 }
 
 impl CancelRegistry {
+    /// A registry whose keys say they were issued by `replica_id`.
+    pub fn new(replica_id: u8) -> Self {
+        CancelRegistry {
+            keys: DashMap::new(),
+            in_flight: Arc::new(Semaphore::new(64)),
+            replica_id,
+        }
+    }
+
+    pub fn replica_id(&self) -> u8 {
+        self.replica_id
+    }
+
     /// A fresh, unique key for a new client session.
     pub fn register(&self) -> ClientKey {
         let mut rng = rand::thread_rng();
         loop {
             let key = ClientKey {
-                pid: rng.gen_range(1..i32::MAX),
+                pid: cluster::issue_pid(self.replica_id, &mut rng),
                 secret: rng.gen(),
             };
             if let dashmap::Entry::Vacant(slot) = self.keys.entry(key) {
@@ -80,9 +94,47 @@ impl CancelRegistry {
         self.keys.is_empty()
     }
 
-    /// Cancels the current query of the client holding `key`. Unknown keys, clients without
-    /// a server, and cancels beyond the concurrency bound are ignored, as PostgreSQL does.
-    pub async fn cancel(&self, key: ClientKey) -> bool {
+    /// Handles a client's CancelRequest: a key this replica issued cancels locally; a key of
+    /// another replica is forwarded to it when `cluster` lists it. Unknown keys, clients
+    /// without a server, and cancels beyond the concurrency bound are ignored, as PostgreSQL
+    /// does. Returns whether a cancel (or a forward) was sent.
+    pub async fn cancel(&self, key: ClientKey, cluster: Option<&ClusterConfig>) -> bool {
+        let owner = cluster::replica_of(key);
+        if owner == self.replica_id {
+            return self.cancel_local(cluster::as_issued(key)).await;
+        }
+        let result = self.forward(key, owner, cluster).await;
+        metrics::counter!(crate::metrics::CANCEL_REQUESTS, "result" => result).increment(1);
+        result == "forwarded_peer"
+    }
+
+    /// Passes `key` to replica `owner`; returns the metric result.
+    async fn forward(
+        &self,
+        key: ClientKey,
+        owner: u8,
+        cluster: Option<&ClusterConfig>,
+    ) -> &'static str {
+        let Some((cluster, addr)) = cluster.and_then(|c| Some((c, c.peer_addr(owner)?))) else {
+            return "unknown_peer";
+        };
+        // A peer list that points back at us would bounce the key around: one hop only.
+        let Some(hopped) = cluster::after_hop(key) else {
+            return "peer_loop";
+        };
+        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
+            return "throttled";
+        };
+        match cluster::forward(addr, hopped, cluster.forward_timeout).await {
+            Ok(()) => "forwarded_peer",
+            Err(e) => {
+                tracing::warn!(peer = owner, addr, error = %e, "forwarding a CancelRequest failed");
+                "peer_failed"
+            }
+        }
+    }
+
+    async fn cancel_local(&self, key: ClientKey) -> bool {
         let Some(target) = self.keys.get(&key).and_then(|t| *t) else {
             metrics::counter!(crate::metrics::CANCEL_REQUESTS, "result" => "unknown_key")
                 .increment(1);
@@ -125,9 +177,31 @@ mod tests {
     #[tokio::test]
     async fn unknown_key_is_ignored() {
         let r = CancelRegistry::default();
-        assert!(!r.cancel(ClientKey { pid: 1, secret: 2 }).await);
+        assert!(!r.cancel(ClientKey { pid: 1, secret: 2 }, None).await);
         let k = r.register();
         // Registered but not pinned to a server yet: nothing to cancel.
-        assert!(!r.cancel(k).await);
+        assert!(!r.cancel(k, None).await);
+    }
+
+    #[tokio::test]
+    async fn keys_of_unlisted_replicas_are_dropped_not_forwarded() {
+        let r = CancelRegistry::new(1);
+        let k = r.register();
+        assert_eq!(cluster::replica_of(k), 1);
+        let foreign = ClientKey {
+            pid: cluster::issue_pid(9, &mut rand::thread_rng()),
+            secret: 3,
+        };
+        let cluster = ClusterConfig {
+            replica_id: 1,
+            peers: vec![crate::cluster::PeerConfig {
+                id: 1,
+                addr: "127.0.0.1:1".into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(r.forward(foreign, 9, Some(&cluster)).await, "unknown_peer");
+        assert_eq!(r.forward(foreign, 9, None).await, "unknown_peer");
+        assert!(!r.cancel(foreign, Some(&cluster)).await);
     }
 }

@@ -222,6 +222,11 @@ pub fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     crate::tls::install_crypto_provider();
     let verifier = crate::auth::JwtVerifier::from_config(&config.jwt)?;
+    // With jwks_url: one fetch, as `serve` would do at start.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(verifier.start())?;
     verifier.self_test()?;
     if let (Some(cert), Some(key)) = (&config.listen.tls_cert, &config.listen.tls_key) {
         crate::tls::acceptor(cert, key)?;

@@ -49,6 +49,10 @@ pub struct Config {
     /// The live tenant directory; absent means only `[tenants]` routes.
     #[serde(default)]
     pub directory: Option<crate::tenant::DirectoryConfig>,
+    /// Several replicas behind one TCP load balancer: cancel keys carry the replica id and
+    /// a CancelRequest for another replica is forwarded there. Absent: replica 0, no peers.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// `pgtenant serve` runs the doctor's isolation checks on every shared upstream at start.
@@ -202,6 +206,34 @@ pub struct JwtConfig {
     /// Tenant ids must match this pattern (anchored). Default `^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`.
     #[serde(default = "JwtConfig::default_tenant_pattern")]
     pub tenant_pattern: String,
+    /// JWKS fetched from this URL (https; http only to a loopback host or with
+    /// `jwks_allow_http`), refreshed in the background. The first fetch must succeed for
+    /// `serve` to start.
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is fetched again. Default 5m.
+    #[serde(with = "humantime_serde", default = "JwtConfig::default_jwks_refresh")]
+    pub jwks_refresh_interval: Duration,
+    /// After this long without a successful fetch, tokens are refused (57P03) instead of
+    /// being checked against old keys. Default 1h.
+    #[serde(
+        with = "humantime_serde",
+        default = "JwtConfig::default_jwks_staleness"
+    )]
+    pub jwks_max_staleness: Duration,
+    /// Deadline for one fetch (connect, TLS, response). Default 2s.
+    #[serde(with = "humantime_serde", default = "JwtConfig::default_jwks_timeout")]
+    pub jwks_fetch_timeout: Duration,
+    /// A token with an unknown `kid` triggers a fetch at most this often (so bad tokens
+    /// cannot make pgtenant hammer the issuer); also the retry delay after a failed fetch.
+    /// Default 30s.
+    #[serde(with = "humantime_serde", default = "JwtConfig::default_jwks_miss")]
+    pub jwks_min_refetch_interval: Duration,
+    /// Allow `http://` to a non-loopback host. Default false: a JWKS decides whose tokens
+    /// are genuine, so it must not travel unauthenticated.
+    #[serde(default)]
+    pub jwks_allow_http: bool,
+    /// CA bundle (PEM) that replaces the built-in web roots for the JWKS server.
+    pub jwks_ca_file: Option<PathBuf>,
 }
 
 impl JwtConfig {
@@ -219,6 +251,18 @@ impl JwtConfig {
     }
     pub fn default_tenant_pattern() -> String {
         "^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$".into()
+    }
+    pub fn default_jwks_refresh() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn default_jwks_staleness() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn default_jwks_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn default_jwks_miss() -> Duration {
+        Duration::from_secs(30)
     }
 }
 
@@ -432,6 +476,7 @@ impl Config {
         fix(&mut self.jwt.secret_file);
         fix(&mut self.jwt.public_key_file);
         fix(&mut self.jwt.jwks_file);
+        fix(&mut self.jwt.jwks_ca_file);
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -479,10 +524,11 @@ impl Config {
             self.jwt.secret_file.is_some(),
             self.jwt.public_key_file.is_some(),
             self.jwt.jwks_file.is_some(),
+            self.jwt.jwks_url.is_some(),
         ];
         if sources.iter().filter(|s| **s).count() != 1 {
             return invalid(
-                "[jwt] needs exactly one of secret, secret_file, public_key_file, jwks_file".into(),
+                "[jwt] needs exactly one of secret, secret_file, public_key_file, jwks_file, jwks_url".into(),
             );
         }
         if let Err(e) = regex::Regex::new(&self.jwt.tenant_pattern) {
@@ -510,6 +556,9 @@ impl Config {
         }
         if self.jwt.leeway_secs > 300 {
             return invalid("jwt.leeway_secs above 300 is refused".into());
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate().map_err(ConfigError::Invalid)?;
         }
         Ok(())
     }

@@ -86,6 +86,8 @@ impl ClientError {
                 SqlState::INVALID_AUTHORIZATION_SPECIFICATION
             }
             ClientError::AuthTimeout => SqlState::PROTOCOL_VIOLATION,
+            // Retryable: the issuer's key set is out of reach, the token may be fine.
+            ClientError::Auth(AuthError::KeysUnavailable) => SqlState::CANNOT_CONNECT_NOW,
             ClientError::Auth(e) if e.is_invalid_token() => SqlState::INVALID_PASSWORD,
             ClientError::Auth(_) | ClientError::Route(_) => {
                 SqlState::INVALID_AUTHORIZATION_SPECIFICATION
@@ -207,6 +209,8 @@ mod tests {
                 "XX000",
             ),
             (ClientError::AuditFull, "57P03"),
+            (AuthError::KeysUnavailable.into(), "57P03"),
+            (AuthError::UnknownKid.into(), "28P01"),
             (
                 PoolError::Setup {
                     pool: "shared".into(),

@@ -12,6 +12,7 @@
 //! - `isolation`: the signed tenant context on shared upstreams
 //! - `pool`: server connections (bb8 manager), checkout, reset
 //! - `isolation`: the SQL guard (blocks statements that would change the tenant context)
+//! - `cluster`: replica ids in cancel keys, forwarding cancels to peers
 //! - `session`: one client: startup → auth → route → checkout → relay
 //! - `server`: listener, accept loop, shutdown
 //! - `audit`: audit events, the local spool, shipping to the audit table
@@ -30,6 +31,7 @@ pub mod audit;
 pub mod auth;
 pub mod cancel;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod embedded_pg;

@@ -46,6 +46,9 @@ pub const DIRECTORY_QUERIES_TOTAL: &str = "pgtenant_directory_queries_total";
 pub const DIRECTORY_INVALIDATIONS_TOTAL: &str = "pgtenant_directory_invalidations_total";
 pub const DIRECTORY_STALENESS_SECONDS: &str = "pgtenant_directory_staleness_seconds";
 pub const DIRECTORY_LOOKUP_SECONDS: &str = "pgtenant_directory_lookup_seconds";
+pub const JWKS_REFRESHES_TOTAL: &str = "pgtenant_jwks_refreshes_total";
+pub const JWKS_KEYS: &str = "pgtenant_jwks_keys";
+pub const JWKS_AGE_SECONDS: &str = "pgtenant_jwks_age_seconds";
 
 /// The label value shared by tenants beyond the cap (and by all with `tenant_labels = false`).
 pub const OTHER_TENANT: &str = "other";
@@ -189,7 +192,10 @@ fn describe() {
         UPSTREAM_CONNECT_ERRORS,
         "Failed connection attempts to an upstream."
     );
-    describe_counter!(CANCEL_REQUESTS, "CancelRequests received, by result.");
+    describe_counter!(
+        CANCEL_REQUESTS,
+        "CancelRequests received, by result (forwarded, unknown_key, throttled, failed; with [cluster]: forwarded_peer, unknown_peer, peer_failed, peer_loop)."
+    );
     describe_counter!(
         ISOLATION_VIOLATIONS_TOTAL,
         "Statements refused by the isolation guard, by tenant and rule."
@@ -270,6 +276,19 @@ fn describe() {
         DIRECTORY_LOOKUP_SECONDS,
         Unit::Seconds,
         "Time to resolve a tenant through the directory (cache hits included)."
+    );
+    describe_counter!(
+        JWKS_REFRESHES_TOTAL,
+        "Fetches of [jwt] jwks_url, by result (ok: new keys, unchanged, error: the previous keys stay)."
+    );
+    describe_gauge!(
+        JWKS_KEYS,
+        "Usable keys in the key set fetched from [jwt] jwks_url."
+    );
+    describe_gauge!(
+        JWKS_AGE_SECONDS,
+        Unit::Seconds,
+        "Time since the last successful fetch of [jwt] jwks_url; past jwks_max_staleness tokens are refused."
     );
     describe_gauge!(
         BUILD_INFO,

@@ -40,7 +40,8 @@ impl Runtime {
     /// Builds everything from `config`; `previous` lends the pools of unchanged upstreams.
     fn build(config: Config, previous: Option<&Runtime>) -> anyhow::Result<Runtime> {
         config.validate()?;
-        let verifier = JwtVerifier::from_config(&config.jwt).context("[jwt]")?;
+        let verifier = JwtVerifier::from_config_reusing(&config.jwt, previous.map(|p| &p.verifier))
+            .context("[jwt]")?;
         verifier.self_test().context("JWT crypto self-test")?;
         let pools = match previous {
             Some(prev) => prev.pools.reload(&prev.config, &config),
@@ -114,7 +115,12 @@ impl Shared {
         let _one_at_a_time = self.reloading.lock().await;
         let current = self.runtime.load_full();
         keep_restart_only(&current.config, &mut new);
-        let result = match Runtime::build(new, Some(&current)) {
+        let built = match Runtime::build(new, Some(&current)) {
+            // A new jwks_url must deliver its keys before the snapshot may serve.
+            Ok(next) => next.verifier.start().await.map(|()| next).context("[jwt]"),
+            Err(e) => Err(e),
+        };
+        let result = match built {
             Ok(next) => {
                 let kept: Vec<&str> = next
                     .config
@@ -177,6 +183,16 @@ fn keep_restart_only(running: &Config, new: &mut Config) {
     );
     let audit_differs = format!("{:?}", running.audit) != format!("{:?}", new.audit);
     keep("[audit]", &running.audit, &mut new.audit, audit_differs);
+    // Issued cancel keys carry the replica id; the peer list reloads.
+    let replica = |c: &Config| c.cluster.as_ref().map_or(0, |c| c.replica_id);
+    if replica(running) != replica(new) {
+        warn!(
+            section = "[cluster]",
+            "replica_id needs a restart; the peer list is reloaded"
+        );
+        let id = replica(running);
+        new.cluster.get_or_insert_with(Default::default).replica_id = id;
+    }
     let (old_l, new_l) = (&running.limits, &mut new.limits);
     if old_l.max_client_connections != new_l.max_client_connections
         || old_l.max_pre_auth_connections != new_l.max_pre_auth_connections
@@ -252,6 +268,7 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
     // Everything reloadable first, so a bad config fails before the audit trail or a
     // listener starts.
     let runtime = Runtime::build(config, None)?;
+    runtime.verifier.start().await.context("[jwt]")?;
     let config = runtime.config.clone();
     let tls = match (
         &config.listen.tls_cert,
@@ -289,7 +306,7 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         clients: Arc::new(Semaphore::new(config.limits.max_client_connections)),
         runtime: ArcSwap::from_pointee(runtime),
         reloading: tokio::sync::Mutex::new(()),
-        cancels: CancelRegistry::default(),
+        cancels: CancelRegistry::new(config.cluster.as_ref().map_or(0, |c| c.replica_id)),
         tls,
         shutdown: shutdown_rx.clone(),
         audit,

@@ -88,7 +88,12 @@ fn set_referenced_env(text: &str) -> Vec<String> {
     let re = regex::Regex::new(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}").expect("regex");
     let names: Vec<String> = re.captures_iter(text).map(|c| c[1].to_string()).collect();
     for name in &names {
-        std::env::set_var(name, format!("test-value-for-{name}-0123456789abcdef"));
+        let value = match name.as_str() {
+            // A number in the TOML (`[cluster] replica_id`), the pod ordinal in Kubernetes.
+            "PGTENANT_REPLICA_ID" => "3".to_string(),
+            _ => format!("test-value-for-{name}-0123456789abcdef"),
+        };
+        std::env::set_var(name, value);
     }
     names
 }
@@ -193,13 +198,35 @@ fn kubernetes_configmap_config_parses_and_validates() {
     );
     // Every variable is a key of the Secret the StatefulSet loads with envFrom.
     let secret = read("deploy/kubernetes/secret.yaml");
+    let sts = read("deploy/kubernetes/statefulset.yaml");
     for var in set_referenced_env(&text) {
+        if var == "PGTENANT_REPLICA_ID" {
+            assert!(
+                sts.contains(&format!("- name: {var}"))
+                    && sts.contains("metadata.labels['apps.kubernetes.io/pod-index']"),
+                "statefulset.yaml derives {var} from the pod ordinal"
+            );
+            continue;
+        }
         assert!(
             secret.contains(&format!("  {var}: ")),
             "secret.yaml has no {var}"
         );
     }
+    // Cancel forwarding: this pod's id from its ordinal, every possible pod as a peer.
+    let cluster = config.cluster.as_ref().expect("[cluster]");
+    assert_eq!(cluster.replica_id, 3);
+    let hpa = read("deploy/kubernetes/hpa.yaml");
+    let max: usize = hpa
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("maxReplicas:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("hpa.yaml maxReplicas");
+    assert_eq!(cluster.peers.len(), max, "one peer per possible replica");
+    for (i, peer) in cluster.peers.iter().enumerate() {
+        assert_eq!(usize::from(peer.id), i);
+        assert_eq!(peer.addr, format!("pgtenant-{i}.pgtenant-headless:6432"));
+    }
     // The probes target the admin endpoints.
-    let sts = read("deploy/kubernetes/statefulset.yaml");
     assert!(sts.contains("path: /readyz") && sts.contains("path: /healthz"));
 }

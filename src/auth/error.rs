@@ -74,6 +74,10 @@ pub enum AuthError {
     /// `issue_hs256` was given unusable input.
     #[error("cannot issue token: {0}")]
     Issue(String),
+    /// `jwks_url`: no key set is usable (never fetched, or every fetch failed for longer
+    /// than `jwks_max_staleness`). Not the token's fault, and worth retrying.
+    #[error("the token signing keys are unavailable (the key set could not be refreshed); try again later")]
+    KeysUnavailable,
 }
 
 impl AuthError {
@@ -104,7 +108,8 @@ impl AuthError {
             | AuthError::InvalidUser { .. }
             | AuthError::Config(_)
             | AuthError::Backend(_)
-            | AuthError::Issue(_) => false,
+            | AuthError::Issue(_)
+            | AuthError::KeysUnavailable => false,
         }
     }
 
@@ -131,6 +136,7 @@ impl AuthError {
             AuthError::Config(_) => "config",
             AuthError::Backend(_) => "crypto_backend",
             AuthError::Issue(_) => "issue",
+            AuthError::KeysUnavailable => "jwks_unavailable",
         }
     }
 }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -20,6 +21,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 
 use super::claims::{numeric_date, ClaimPath, StrictClaims, StrictValue};
+use super::jwks_url::JwksSource;
 use super::keys::{config, parse_algorithms, KeySet, MIN_HMAC_SECRET_LEN};
 use super::{AuthError, Identity, MAX_KID_LEN, MAX_TOKEN_LEN, MAX_USER_LEN};
 use crate::config::JwtConfig;
@@ -36,7 +38,7 @@ const MAX_TENANT_LEN: usize = 255;
 /// Verifies client tokens. Built once from the config (and again on reload); `verify` is
 /// synchronous, allocation-light and safe to share across tasks (`Send + Sync`).
 pub struct JwtVerifier {
-    keys: KeySet,
+    keys: Keys,
     /// One `Validation` per allowed algorithm: jsonwebtoken refuses a `Validation` whose
     /// algorithms span key families, and one per algorithm pins `alg` exactly.
     validations: HashMap<Algorithm, Validation>,
@@ -61,6 +63,13 @@ impl fmt::Debug for JwtVerifier {
     }
 }
 
+/// Where the keys come from: loaded once from the config, or kept fresh from `jwks_url`.
+#[derive(Debug)]
+enum Keys {
+    Static(KeySet),
+    Remote(Arc<JwksSource>),
+}
+
 /// The header fields we act on, from our own strict parse.
 struct TokenHeader {
     alg: Algorithm,
@@ -75,9 +84,40 @@ impl JwtVerifier {
     /// When `audience` is not configured, tokens that carry `aud` are refused (RFC 7519
     /// §4.1.3: a recipient not named in `aud` must reject); configure it if your issuer
     /// sets one.
+    ///
+    /// With `jwks_url` nothing is fetched here: call [`JwtVerifier::start`] before use.
     pub fn from_config(cfg: &JwtConfig) -> Result<JwtVerifier, AuthError> {
+        Self::from_config_reusing(cfg, None)
+    }
+
+    /// As [`JwtVerifier::from_config`], but keeps `previous`'s `jwks_url` key source (its
+    /// keys and refresh task) when the URL settings did not change: for reloads.
+    pub fn from_config_reusing(
+        cfg: &JwtConfig,
+        previous: Option<&JwtVerifier>,
+    ) -> Result<JwtVerifier, AuthError> {
         let allowed = parse_algorithms(&cfg.algorithms)?;
-        let keys = KeySet::load(cfg, &allowed)?;
+        let keys = match &cfg.jwks_url {
+            None => Keys::Static(KeySet::load(cfg, &allowed)?),
+            Some(url) => {
+                let others = [
+                    cfg.secret.is_some(),
+                    cfg.secret_file.is_some(),
+                    cfg.public_key_file.is_some(),
+                    cfg.jwks_file.is_some(),
+                ];
+                if others.contains(&true) {
+                    return Err(config("[jwt] needs exactly one of secret, secret_file, public_key_file, jwks_file, jwks_url"));
+                }
+                let fresh = JwksSource::new(cfg, url, &allowed)?;
+                match previous.map(|p| &p.keys) {
+                    Some(Keys::Remote(old)) if old.same_settings(&fresh) => {
+                        Keys::Remote(old.clone())
+                    }
+                    _ => Keys::Remote(Arc::new(fresh)),
+                }
+            }
+        };
         if cfg.leeway_secs > MAX_LEEWAY_SECS {
             return Err(config(format!(
                 "jwt.leeway_secs above {MAX_LEEWAY_SECS} is refused"
@@ -110,9 +150,35 @@ impl JwtVerifier {
         })
     }
 
+    /// With `jwks_url`: fetches the first key set (unless a reused source has one) and starts
+    /// its background refresh. A no-op for keys from the config file. An error means no
+    /// key set could be loaded; `serve` refuses to start on it.
+    pub async fn start(&self) -> Result<(), AuthError> {
+        match &self.keys {
+            Keys::Static(_) => Ok(()),
+            Keys::Remote(source) => source.start().await,
+        }
+    }
+
+    /// [`JwtVerifier::verify`], plus what only an async caller can do: with `jwks_url`, a
+    /// token whose `kid` is unknown (or keys that went stale) triggers one shared, rate
+    /// limited, time bounded refresh of the key set and a second look. The fast path (known
+    /// kid) does not await.
+    pub async fn verify_async(&self, token: &str) -> Result<Identity, AuthError> {
+        let first = self.verify(token);
+        match (&first, &self.keys) {
+            (Err(AuthError::UnknownKid | AuthError::KeysUnavailable), Keys::Remote(source)) => {
+                source.refresh_after_miss().await;
+                self.verify(token)
+            }
+            _ => first,
+        }
+    }
+
     /// Verifies `token` and extracts the identity. Errors with `is_invalid_token()` are
     /// problems with the token (28P01); the others mean a genuine token grants no access
-    /// (28000). Never logs or returns the token.
+    /// (28000). Never logs or returns the token. With `jwks_url` this never fetches: an
+    /// unknown `kid` is refused (see [`JwtVerifier::verify_async`]).
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::TooLarge);
@@ -122,7 +188,23 @@ impl JwtVerifier {
             .validations
             .get(&header.alg)
             .ok_or(AuthError::AlgorithmNotAllowed)?;
-        let key = self.keys.select(header.kid.as_deref())?;
+        match &self.keys {
+            Keys::Static(keys) => self.verify_with(keys, token, header, validation),
+            Keys::Remote(source) => {
+                let fetched = source.keys()?;
+                self.verify_with(&fetched.keys, token, header, validation)
+            }
+        }
+    }
+
+    fn verify_with(
+        &self,
+        keys: &KeySet,
+        token: &str,
+        header: TokenHeader,
+        validation: &Validation,
+    ) -> Result<Identity, AuthError> {
+        let key = keys.select(header.kid.as_deref())?;
         if !key.algorithms.contains(&header.alg) {
             return Err(AuthError::AlgorithmNotAllowed);
         }
@@ -204,7 +286,17 @@ impl JwtVerifier {
             ));
         }
         let msg = b"pgtenant.self-test";
-        for key in self.keys.keys() {
+        let remote = match &self.keys {
+            Keys::Remote(source) => source.loaded(),
+            Keys::Static(_) => None,
+        };
+        let keys = match (&self.keys, &remote) {
+            (Keys::Static(keys), _) => keys.keys(),
+            (Keys::Remote(_), Some(fetched)) => fetched.keys.keys(),
+            // Not fetched yet: `start` parses the keys with the same rules.
+            (Keys::Remote(_), None) => &[],
+        };
+        for key in keys {
             for alg in &key.algorithms {
                 match jsonwebtoken::crypto::verify("AAAA", msg, &key.decoding, *alg) {
                     Ok(false) => {}

@@ -112,7 +112,7 @@ impl KeySet {
             (None, None, Some(path), None) => pem_key(path, allowed).map(KeySet::Single),
             (None, None, None, Some(path)) => jwks(path, allowed),
             _ => Err(config(
-                "[jwt] needs exactly one of secret, secret_file, public_key_file, jwks_file",
+                "[jwt] needs exactly one of secret, secret_file, public_key_file, jwks_file, jwks_url",
             )),
         }
     }
@@ -354,44 +354,52 @@ fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// full JWKS can be used as is; keys that claim to be usable but are broken or weak are
 /// config errors, as are duplicate kids and kid-less keys in a multi-key set.
 fn jwks(path: &Path, allowed: &[Algorithm]) -> Result<KeySet, AuthError> {
-    let shown = path.display();
     let bytes = read_key_file(path)?;
-    let StrictValue(doc) = serde_json::from_slice(&bytes).map_err(|_| {
-        config(format!(
-            "jwt.jwks_file {shown}: not valid JSON (or has duplicate members)"
-        ))
-    })?;
+    parse_jwks(
+        &bytes,
+        &format!("jwt.jwks_file {}", path.display()),
+        allowed,
+    )
+    .map_err(config)
+}
+
+/// Parses a JWKS document (a file's or one fetched from `jwks_url`) with the rules of
+/// [`jwks`]. Errors start with `source` and never quote key material.
+pub(crate) fn parse_jwks(
+    bytes: &[u8],
+    source: &str,
+    allowed: &[Algorithm],
+) -> Result<KeySet, String> {
+    let StrictValue(doc) = serde_json::from_slice(bytes)
+        .map_err(|_| format!("{source}: not valid JSON (or has duplicate members)"))?;
     let entries = doc
         .get("keys")
         .and_then(Value::as_array)
-        .ok_or_else(|| config(format!("jwt.jwks_file {shown}: no \"keys\" array")))?;
+        .ok_or_else(|| format!("{source}: no \"keys\" array"))?;
 
     let mut keys: Vec<VerifyKey> = Vec::new();
     let mut by_kid = HashMap::new();
     for (i, entry) in entries.iter().enumerate() {
-        let Some(key) = jwk_key(entry, allowed)
-            .map_err(|m| config(format!("jwt.jwks_file {shown}: key #{i}: {m}")))?
+        let Some(key) = jwk_key(entry, allowed).map_err(|m| format!("{source}: key #{i}: {m}"))?
         else {
             continue;
         };
         if let Some(kid) = &key.kid {
             if by_kid.insert(kid.clone(), keys.len()).is_some() {
-                return Err(config(format!(
-                    "jwt.jwks_file {shown}: duplicate kid {kid:?}"
-                )));
+                return Err(format!("{source}: duplicate kid {kid:?}"));
             }
         }
         keys.push(key);
     }
     if keys.is_empty() {
-        return Err(config(format!(
-            "jwt.jwks_file {shown}: no key usable with jwt.algorithms {allowed:?}"
-        )));
+        return Err(format!(
+            "{source}: no key usable with jwt.algorithms {allowed:?}"
+        ));
     }
     if keys.len() > 1 && keys.iter().any(|k| k.kid.is_none()) {
-        return Err(config(format!(
-            "jwt.jwks_file {shown}: every key needs a \"kid\" when the set has several"
-        )));
+        return Err(format!(
+            "{source}: every key needs a \"kid\" when the set has several"
+        ));
     }
     Ok(KeySet::Jwks { keys, by_kid })
 }

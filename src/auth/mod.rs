@@ -18,6 +18,8 @@
 
 mod claims;
 mod error;
+mod jwks_fetch;
+mod jwks_url;
 mod jwt;
 mod keys;
 
@@ -25,6 +27,7 @@ mod keys;
 mod tests;
 
 pub use error::AuthError;
+pub use jwks_url::JwksSource;
 pub use jwt::{issue_hs256, JwtVerifier};
 
 use crate::tenant::TenantId;

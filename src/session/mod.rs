@@ -59,7 +59,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
         Ok(Ok(Hello::Gone)) => return,
         Ok(Ok(Hello::Cancel(key))) => {
-            shared.cancels.cancel(key).await;
+            shared.cancels.cancel(key, config.cluster.as_ref()).await;
             return;
         }
         Ok(Err(Refused { conn, error })) => {
@@ -80,7 +80,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
 
     // No server connection is opened before the JWT verifies (design/reliability.md).
-    let identity = match rt.verifier.verify(&token) {
+    let identity = match rt.verifier.verify_async(&token).await {
         Ok(id) => id,
         Err(e) => {
             let error = ClientError::from(e);

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::*;
 
 /// An rcgen key pair as (signing key for jsonwebtoken, public key PEM file).
-fn ec_pair(
+pub(super) fn ec_pair(
     alg: &'static rcgen::SignatureAlgorithm,
 ) -> (KeyPair, EncodingKey, tempfile::NamedTempFile) {
     let kp = KeyPair::generate_for(alg).unwrap();
@@ -24,12 +24,12 @@ fn ec_pair(
 }
 
 /// A 2048-bit RSA pair from aws-lc-rs (rcgen's ring backend cannot generate RSA).
-struct RsaPair {
-    kp: aws_lc_rs::rsa::KeyPair,
-    enc: EncodingKey,
+pub(super) struct RsaPair {
+    pub(super) kp: aws_lc_rs::rsa::KeyPair,
+    pub(super) enc: EncodingKey,
 }
 
-fn rsa_pair() -> RsaPair {
+pub(super) fn rsa_pair() -> RsaPair {
     let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
     let pkcs8: Pkcs8V1Der = kp.as_der().unwrap();
     let enc = EncodingKey::from_rsa_pem(pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes()).unwrap();
@@ -311,7 +311,7 @@ fn pem_files_must_hold_one_public_key() {
 }
 
 /// A JWK for an rcgen EC P-256 key pair.
-fn ec_jwk(kp: &KeyPair, kid: &str) -> serde_json::Value {
+pub(super) fn ec_jwk(kp: &KeyPair, kid: &str) -> serde_json::Value {
     let point = kp.public_key_raw();
     assert_eq!(point.len(), 65);
     json!({

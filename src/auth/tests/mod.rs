@@ -2,6 +2,7 @@
 //! payload) so every rejection path can be reached; the suites are split by topic.
 
 mod issue;
+mod jwks_url;
 mod keys;
 mod rules;
 
@@ -37,6 +38,13 @@ pub(super) fn hs_cfg() -> JwtConfig {
         user_claim: "sub".into(),
         leeway_secs: 30,
         tenant_pattern: JwtConfig::default_tenant_pattern(),
+        jwks_url: None,
+        jwks_refresh_interval: JwtConfig::default_jwks_refresh(),
+        jwks_max_staleness: JwtConfig::default_jwks_staleness(),
+        jwks_fetch_timeout: JwtConfig::default_jwks_timeout(),
+        jwks_min_refetch_interval: JwtConfig::default_jwks_miss(),
+        jwks_allow_http: false,
+        jwks_ca_file: None,
     }
 }
 
