@@ -40,6 +40,20 @@ pub enum ClientError {
     ServerLost,
     #[error("client connection lost: {0}")]
     ClientIo(#[from] std::io::Error),
+    /// An administrator ended the session from the console (KILL/SUSPEND TENANT).
+    #[error("terminating connection: {0}")]
+    Killed(String),
+    #[error("tenant \"{0}\" is suspended: new sessions are refused until an administrator resumes it")]
+    TenantSuspended(String),
+    #[error("session ended: the token expired; reconnect with a new token")]
+    TokenExpired,
+    #[error("session ended: it reached [jwt] session_max_lifetime; reconnect")]
+    LifetimeReached,
+    #[error("the console needs a token with the admin claim")]
+    NotAdmin,
+    /// A console command failed; the console session goes on (severity ERROR).
+    #[error("{0}")]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 impl From<FrameError> for ClientError {
@@ -97,6 +111,12 @@ impl ClientError {
             }
             ClientError::Context(_) => SqlState::CANNOT_CONNECT_NOW,
             ClientError::ServerLost | ClientError::ClientIo(_) => SqlState::CONNECTION_FAILURE,
+            ClientError::Killed(_) => SqlState::ADMIN_SHUTDOWN,
+            ClientError::TenantSuspended(_) | ClientError::TokenExpired | ClientError::NotAdmin => {
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            }
+            ClientError::LifetimeReached => SqlState::ADMIN_SHUTDOWN,
+            ClientError::Console(e) => console_sqlstate(e),
         }
     }
 
@@ -115,8 +135,12 @@ impl ClientError {
             }
             other => other.to_string(),
         };
+        let severity = match self {
+            ClientError::Console(_) => Severity::Error,
+            _ => Severity::Fatal,
+        };
         WireError {
-            severity: Severity::Fatal,
+            severity,
             code: self.sqlstate().code().to_string(),
             message,
         }
@@ -142,7 +166,22 @@ impl ClientError {
             ClientError::Context(_) => "context",
             ClientError::ServerLost => "server_lost",
             ClientError::ClientIo(_) => "client_io",
+            ClientError::Killed(_) => "killed",
+            ClientError::TenantSuspended(_) => "tenant_suspended",
+            ClientError::TokenExpired => "token_expired",
+            ClientError::LifetimeReached => "lifetime",
+            ClientError::NotAdmin => "not_admin",
+            ClientError::Console(_) => "console",
         }
+    }
+}
+
+fn console_sqlstate(e: &crate::console::ConsoleError) -> SqlState {
+    use crate::console::ConsoleError;
+    match e {
+        ConsoleError::Syntax(_) => SqlState::SYNTAX_ERROR,
+        ConsoleError::Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
+        ConsoleError::Reload(_) => SqlState::CONFIG_FILE_ERROR,
     }
 }
 
@@ -177,6 +216,23 @@ mod tests {
             ),
             (ClientError::ShuttingDown, "57P01"),
             (ClientError::AuditFull, "57P03"),
+            (ClientError::Killed("tenant t killed".into()), "57P01"),
+            (ClientError::TenantSuspended("t".into()), "28000"),
+            (ClientError::TokenExpired, "28000"),
+            (ClientError::LifetimeReached, "57P01"),
+            (ClientError::NotAdmin, "28000"),
+            (
+                crate::console::ConsoleError::Syntax("x".into()).into(),
+                "42601",
+            ),
+            (
+                crate::console::ConsoleError::Unsupported("x".into()).into(),
+                "0A000",
+            ),
+            (
+                crate::console::ConsoleError::Reload("x".into()).into(),
+                "F0000",
+            ),
             (
                 PoolError::Setup {
                     pool: "shared".into(),
@@ -193,6 +249,13 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(err.to_wire().code, code, "{err:?}");
         }
+    }
+
+    #[test]
+    fn console_errors_keep_the_session() {
+        let e: ClientError = crate::console::ConsoleError::Syntax("x".into()).into();
+        assert_eq!(e.to_wire().severity, Severity::Error);
+        assert_eq!(ClientError::NotAdmin.to_wire().severity, Severity::Fatal);
     }
 
     #[test]

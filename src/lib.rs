@@ -14,6 +14,7 @@
 //! - `isolation`: the SQL guard (blocks statements that would change the tenant context)
 //! - `session`: one client: startup → auth → route → checkout → relay
 //! - `server`: listener, accept loop, shutdown
+//! - `console`: the admin console (virtual database `pgtenant`: SHOW, PAUSE, KILL, RELOAD, ...)
 //! - `audit`: audit events, the local spool, shipping to the audit table
 //! - `metrics`, `admin`: metric names and the HTTP endpoint
 //! - `error`: every error mapped to SQLSTATE at the edge
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod cancel;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod embedded_pg;
 pub mod error;

@@ -41,6 +41,8 @@ pub const AUDIT_BATCH_SECONDS: &str = "pgtenant_audit_batch_seconds";
 pub const AUDIT_SHIP_ERRORS_TOTAL: &str = "pgtenant_audit_ship_errors_total";
 pub const AUDIT_REFUSED_TOTAL: &str = "pgtenant_audit_refused_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "pgtenant_config_reloads_total";
+pub const SESSIONS_ENDED_TOTAL: &str = "pgtenant_sessions_ended_total";
+pub const CONSOLE_COMMANDS_TOTAL: &str = "pgtenant_console_commands_total";
 
 /// The label value shared by tenants beyond the cap (and by all with `tenant_labels = false`).
 pub const OTHER_TENANT: &str = "other";
@@ -243,6 +245,14 @@ fn describe() {
     describe_counter!(
         CONFIG_RELOADS_TOTAL,
         "Config reloads (SIGHUP or ProxyHandle::reload), by result (ok, error: the running config stayed)."
+    );
+    describe_counter!(
+        SESSIONS_ENDED_TOTAL,
+        "Client sessions that ended after they started relaying, by reason (terminated, client_closed, server_closed, shutdown, killed, token_expired, lifetime, protocol)."
+    );
+    describe_counter!(
+        CONSOLE_COMMANDS_TOTAL,
+        "Admin console commands run, by command (show_clients, pause, kill_tenant, ...; unknown for parse errors)."
     );
     describe_gauge!(
         BUILD_INFO,

@@ -37,6 +37,7 @@ pub(super) fn hs_cfg() -> JwtConfig {
         user_claim: "sub".into(),
         leeway_secs: 30,
         tenant_pattern: JwtConfig::default_tenant_pattern(),
+        session_max_lifetime: None,
     }
 }
 
