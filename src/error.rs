@@ -43,7 +43,9 @@ pub enum ClientError {
     /// An administrator ended the session from the console (KILL/SUSPEND TENANT).
     #[error("terminating connection: {0}")]
     Killed(String),
-    #[error("tenant \"{0}\" is suspended: new sessions are refused until an administrator resumes it")]
+    #[error(
+        "tenant \"{0}\" is suspended: new sessions are refused until an administrator resumes it"
+    )]
     TenantSuspended(String),
     #[error("session ended: the token expired; reconnect with a new token")]
     TokenExpired,

@@ -64,18 +64,45 @@ impl Command {
 
 /// One line per command, for SHOW HELP.
 pub const HELP: &[(&str, &str)] = &[
-    ("SHOW TENANTS", "tenants: route, open sessions, paused or suspended"),
-    ("SHOW POOLS", "per upstream: pool size, connections, idle, in use, waiting"),
+    (
+        "SHOW TENANTS",
+        "tenants: route, open sessions, paused or suspended",
+    ),
+    (
+        "SHOW POOLS",
+        "per upstream: pool size, connections, idle, in use, waiting",
+    ),
     ("SHOW CLIENTS", "live client sessions"),
-    ("SHOW SERVERS", "server connections pinned to client sessions"),
-    ("SHOW STATS", "per tenant and upstream: sessions, queries, bytes"),
+    (
+        "SHOW SERVERS",
+        "server connections pinned to client sessions",
+    ),
+    (
+        "SHOW STATS",
+        "per tenant and upstream: sessions, queries, bytes",
+    ),
     ("SHOW CONFIG", "the running config (secrets redacted)"),
     ("SHOW HELP", "this list"),
-    ("RELOAD", "re-read the config file; an invalid one is rejected"),
-    ("PAUSE [tenant]", "hold new requests at transaction boundaries (all tenants without one)"),
-    ("RESUME [tenant]", "lift PAUSE (and, with a tenant, SUSPEND)"),
-    ("SUSPEND TENANT t", "end t's sessions and refuse new ones until RESUME t"),
-    ("KILL TENANT t", "end t's sessions now, even mid-transaction"),
+    (
+        "RELOAD",
+        "re-read the config file; an invalid one is rejected",
+    ),
+    (
+        "PAUSE [tenant]",
+        "hold new requests at transaction boundaries (all tenants without one)",
+    ),
+    (
+        "RESUME [tenant]",
+        "lift PAUSE (and, with a tenant, SUSPEND)",
+    ),
+    (
+        "SUSPEND TENANT t",
+        "end t's sessions and refuse new ones until RESUME t",
+    ),
+    (
+        "KILL TENANT t",
+        "end t's sessions now, even mid-transaction",
+    ),
     ("SHUTDOWN", "stop pgtenant gracefully, as SIGTERM does"),
 ];
 

@@ -137,7 +137,10 @@ impl Console<'_> {
         let mut out = BytesMut::with_capacity(1024);
         messages::auth_ok(&mut out);
         for (name, value) in [
-            ("server_version", concat!("16.0 (pgtenant ", env!("CARGO_PKG_VERSION"), " console)")),
+            (
+                "server_version",
+                concat!("16.0 (pgtenant ", env!("CARGO_PKG_VERSION"), " console)"),
+            ),
             ("server_encoding", "UTF8"),
             ("client_encoding", "UTF8"),
             ("DateStyle", "ISO, MDY"),
@@ -228,8 +231,7 @@ impl Console<'_> {
         for (index, command) in commands.iter().enumerate() {
             let started = Instant::now();
             self.commands += 1;
-            metrics::counter!(m::CONSOLE_COMMANDS_TOTAL, "command" => command.label())
-                .increment(1);
+            metrics::counter!(m::CONSOLE_COMMANDS_TOTAL, "command" => command.label()).increment(1);
             let result = self.execute(command, out).await;
             let index = u32::try_from(index).unwrap_or(u32::MAX);
             match result {
@@ -278,11 +280,20 @@ impl Console<'_> {
                     .reload_file(&path)
                     .await
                     .map_err(|e| ConsoleError::Reload(without_snippets(&format!("{e:#}"))))?;
-                render::notice(out, &format!("config reloaded from {}; new sessions use it", path.display()));
+                render::notice(
+                    out,
+                    &format!(
+                        "config reloaded from {}; new sessions use it",
+                        path.display()
+                    ),
+                );
             }
             Command::Pause(tenant) => {
                 let n = registry.pause(tenant.as_deref());
-                render::notice(out, &format!("{}: {n} open session(s) now paused", scope(tenant)));
+                render::notice(
+                    out,
+                    &format!("{}: {n} open session(s) now paused", scope(tenant)),
+                );
             }
             Command::Resume(tenant) => {
                 registry.resume(tenant.as_deref());
@@ -306,7 +317,10 @@ impl Console<'_> {
             Command::Shutdown => {
                 warn!("SHUTDOWN from the console");
                 shared.request_stop();
-                render::notice(out, "pgtenant is shutting down; sessions end at their next idle point");
+                render::notice(
+                    out,
+                    "pgtenant is shutting down; sessions end at their next idle point",
+                );
             }
         }
         Ok(())

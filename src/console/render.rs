@@ -170,7 +170,12 @@ mod tests {
         };
         let fields: Vec<(u8, String)> = n
             .fields()
-            .map(|f| Ok((f.type_(), String::from_utf8_lossy(f.value_bytes()).into_owned())))
+            .map(|f| {
+                Ok((
+                    f.type_(),
+                    String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                ))
+            })
             .collect()
             .unwrap();
         assert!(fields.contains(&(b'M', "2 sessions killed".into())));

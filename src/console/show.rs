@@ -79,7 +79,11 @@ pub fn tenants(shared: &Shared, rt: &Runtime) -> ResultSet {
             text(default),
             kind.map(str::to_string),
             None,
-            text(if holds.all_paused { "paused" } else { "running" }),
+            text(if holds.all_paused {
+                "paused"
+            } else {
+                "running"
+            }),
         ]);
     }
     rs
@@ -246,9 +250,15 @@ pub fn config_rows(cfg: &Config, path: Option<&Path>) -> Vec<(String, Option<Str
     );
     let jwt = &cfg.jwt;
     put("jwt.algorithms".into(), text(jwt.algorithms.join(", ")));
-    put("jwt.secret".into(), jwt.secret.as_ref().map(|_| REDACTED.into()));
+    put(
+        "jwt.secret".into(),
+        jwt.secret.as_ref().map(|_| REDACTED.into()),
+    );
     put("jwt.secret_file".into(), path_text(&jwt.secret_file));
-    put("jwt.public_key_file".into(), path_text(&jwt.public_key_file));
+    put(
+        "jwt.public_key_file".into(),
+        path_text(&jwt.public_key_file),
+    );
     put("jwt.jwks_file".into(), path_text(&jwt.jwks_file));
     put("jwt.issuer".into(), jwt.issuer.clone());
     put("jwt.audience".into(), jwt.audience.clone());
@@ -308,19 +318,22 @@ pub fn config_rows(cfg: &Config, path: Option<&Path>) -> Vec<(String, Option<Str
         "limits.max_pre_auth_connections".into(),
         text(l.max_pre_auth_connections),
     );
-    put("limits.shutdown_timeout".into(), duration(l.shutdown_timeout));
+    put(
+        "limits.shutdown_timeout".into(),
+        duration(l.shutdown_timeout),
+    );
     put("console.enabled".into(), text(cfg.console.enabled));
     put("console.database".into(), text(&cfg.console.database));
     put("console.admin_claim".into(), text(&cfg.console.admin_claim));
-    put("console.admin_value".into(), cfg.console.admin_value.clone());
+    put(
+        "console.admin_value".into(),
+        cfg.console.admin_value.clone(),
+    );
     if let Some(audit) = &cfg.audit {
         put("audit.url".into(), text(redact_url(&audit.url)));
         put("audit.table".into(), text(&audit.table));
         put("audit.level".into(), text(snake(&audit.level)));
-        put(
-            "audit.spool_dir".into(),
-            text(audit.spool_dir.display()),
-        );
+        put("audit.spool_dir".into(), text(audit.spool_dir.display()));
         put("audit.on_full".into(), text(snake(&audit.on_full)));
         put("audit.sink".into(), text(snake(&audit.sink)));
     }

@@ -33,8 +33,8 @@ pub use client::ClientConn;
 pub use handshake::StartupParams;
 
 use audit_tap::{AuditGate, FilterChain};
-use registry::{NewSession, SessionHandle};
 use handshake::{Hello, Refused};
+use registry::{NewSession, SessionHandle};
 use relay::{Relay, RelayEnd};
 
 /// Serves one accepted TCP connection to its end. Never panics on client input; every
@@ -331,7 +331,10 @@ async fn run_session(
         .increment(stats.client_bytes);
     metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
         .increment(stats.server_bytes);
-    session.entry.live.publish(stats.queries, stats.client_bytes, stats.server_bytes);
+    session
+        .entry
+        .live
+        .publish(stats.queries, stats.client_bytes, stats.server_bytes);
     m_ended(end_label(&outcome.end));
     if let Some(a) = audit {
         a.session_end(totals(started_relay, stats), end_label(&outcome.end));
@@ -343,8 +346,8 @@ async fn run_session(
     );
     // A killed session's server connection is destroyed even when idle: incident response
     // does not trust what the session may have left behind.
-    let reusable = outcome.server_idle
-        && !matches!(outcome.end, RelayEnd::ServerClosed | RelayEnd::Killed(_));
+    let reusable =
+        outcome.server_idle && !matches!(outcome.end, RelayEnd::ServerClosed | RelayEnd::Killed(_));
     release(server, reusable, context.as_deref()).await;
     drop(session);
     match outcome.end {

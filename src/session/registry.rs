@@ -205,7 +205,9 @@ impl SessionRegistry {
     pub fn register(self: &Arc<Self>, info: NewSession) -> Result<SessionHandle, ClientError> {
         let holds = self.holds();
         if holds.suspended.contains(info.tenant.as_str()) {
-            return Err(ClientError::TenantSuspended(info.tenant.as_str().to_string()));
+            return Err(ClientError::TenantSuspended(
+                info.tenant.as_str().to_string(),
+            ));
         }
         let (tx, rx) = watch::channel(holds.control_for(info.tenant.as_str()));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -246,7 +248,10 @@ impl SessionRegistry {
             .map(|(k, t)| (k.clone(), (*t, 0)))
             .collect();
         for s in self.sessions() {
-            let key = (s.info.tenant.as_str().to_string(), s.info.upstream.to_string());
+            let key = (
+                s.info.tenant.as_str().to_string(),
+                s.info.upstream.to_string(),
+            );
             let slot = out.entry(key).or_default();
             slot.0.add(s.live.totals());
             slot.1 += 1;

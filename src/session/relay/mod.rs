@@ -125,9 +125,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             }
         }
         let mut expired = false;
-        let expiry = tokio::time::sleep_until(
-            deadline.map_or_else(far_future, |(at, _)| at),
-        );
+        let expiry = tokio::time::sleep_until(deadline.map_or_else(far_future, |(at, _)| at));
         tokio::pin!(expiry);
 
         // Pipelined bytes that arrived with the password are forwarded first.
