@@ -116,8 +116,7 @@ async fn non_admin_tokens_get_28000_and_admins_get_the_console() {
     let plain = common::token("acme", "alice@acme.example");
     let err = connect_watched(proxy.addr, &plain, CONSOLE_DB)
         .await
-        .err()
-        .expect("a token without the admin claim is refused");
+        .expect_err("a token without the admin claim is refused");
     assert_eq!(common::sqlstate(&err), "28000");
     let not_true = common::token_with(
         "acme",
@@ -127,8 +126,7 @@ async fn non_admin_tokens_get_28000_and_admins_get_the_console() {
     );
     let err = connect_watched(proxy.addr, &not_true, CONSOLE_DB)
         .await
-        .err()
-        .expect("the claim must be true");
+        .expect_err("the claim must be true");
     assert_eq!(common::sqlstate(&err), "28000");
 
     let admin = console(proxy.addr).await;
@@ -349,8 +347,7 @@ async fn suspend_refuses_new_sessions_until_resume() {
     let token = common::token("acme", "alice@acme.example");
     let err = connect_watched(proxy.addr, &token, "app")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(common::sqlstate(&err), "28000");
     let message = err
         .as_db_error()
@@ -448,8 +445,7 @@ async fn reload_rereads_the_file_and_rejects_an_invalid_one() {
     let globex = common::token("globex", "hank@globex.example");
     let err = common::try_connect(addr, &globex)
         .await
-        .err()
-        .expect("unrouted");
+        .expect_err("unrouted");
     assert_eq!(common::sqlstate(&err), "28000");
 
     let admin = console(addr).await;

@@ -292,9 +292,11 @@ async fn run_session(
         key,
         shared,
         &labels,
-        filter,
-        statement_audit
-            .map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
+        Inspect {
+            filter,
+            on_statement: statement_audit
+                .map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
+        },
         relay::Watches {
             control: session.control.clone(),
             live: &session.entry.live,
@@ -428,6 +430,12 @@ struct RelayOutcome {
     stats: relay::RelayStats,
 }
 
+/// What looks at the client's statements: the filter chain and the statement audit.
+struct Inspect<'a> {
+    filter: Option<&'a dyn relay::ClientFilter>,
+    on_statement: Option<&'a (dyn Fn(relay::CompletedStatement) + Send + Sync)>,
+}
+
 /// Sends AuthenticationOk, the server's ParameterStatus values, pgtenant's BackendKeyData and
 /// ReadyForQuery, then relays until the session ends.
 async fn greet_and_relay(
@@ -436,8 +444,10 @@ async fn greet_and_relay(
     key: crate::cancel::ClientKey,
     shared: &Shared,
     labels: &[(&'static str, String)],
-    filter: Option<&dyn relay::ClientFilter>,
-    on_statement: Option<&(dyn Fn(relay::CompletedStatement) + Send + Sync)>,
+    Inspect {
+        filter,
+        on_statement,
+    }: Inspect<'_>,
     watches: relay::Watches<'_>,
 ) -> Result<RelayOutcome, ClientError> {
     let mut hello = BytesMut::with_capacity(512);
