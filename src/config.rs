@@ -53,6 +53,9 @@ pub struct Config {
     /// a CancelRequest for another replica is forwarded there. Absent: replica 0, no peers.
     #[serde(default)]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// The admin console (virtual database). Reloadable.
+    #[serde(default)]
+    pub console: ConsoleConfig,
 }
 
 /// `pgtenant serve` runs the doctor's isolation checks on every shared upstream at start.
@@ -234,6 +237,75 @@ pub struct JwtConfig {
     pub jwks_allow_http: bool,
     /// CA bundle (PEM) that replaces the built-in web roots for the JWKS server.
     pub jwks_ca_file: Option<PathBuf>,
+    /// `"token"`: a session ends when its token expires (at its next idle point outside a
+    /// transaction); a duration such as `"1h"`: sessions end that long after they start.
+    /// Absent: sessions outlive their token. Reloadable (for new sessions).
+    #[serde(default)]
+    pub session_max_lifetime: Option<SessionLifetime>,
+}
+
+/// `[jwt] session_max_lifetime`: how long an authenticated session may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionLifetime {
+    /// Until the token's `exp` (plus `leeway_secs`, as the verifier accepts it).
+    Token,
+    /// This long after the session started.
+    Fixed(Duration),
+}
+
+impl<'de> Deserialize<'de> for SessionLifetime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.eq_ignore_ascii_case("token") {
+            return Ok(SessionLifetime::Token);
+        }
+        match humantime_serde::re::humantime::parse_duration(&text) {
+            Ok(d) if !d.is_zero() => Ok(SessionLifetime::Fixed(d)),
+            _ => Err(serde::de::Error::custom(format!(
+                "session_max_lifetime must be \"token\" or a duration such as \"1h\", not {text:?}"
+            ))),
+        }
+    }
+}
+
+/// `[console]`: the admin console, reached by connecting to the virtual database `database`
+/// with a token whose `admin_claim` grants it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Default true. False: the console database name is routed like any other.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The virtual database name. Default `pgtenant`.
+    #[serde(default = "ConsoleConfig::default_database")]
+    pub database: String,
+    /// The claim that makes a token an admin token (dots address nested claims). Default
+    /// `pgtenant_admin`.
+    #[serde(default = "ConsoleConfig::default_admin_claim")]
+    pub admin_claim: String,
+    /// Unset: the claim must be JSON `true`. Set: the claim must equal this string, hold it
+    /// as one of its space-separated words, or be an array containing it.
+    pub admin_value: Option<String>,
+}
+
+impl ConsoleConfig {
+    fn default_database() -> String {
+        "pgtenant".into()
+    }
+    fn default_admin_claim() -> String {
+        "pgtenant_admin".into()
+    }
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            database: Self::default_database(),
+            admin_claim: Self::default_admin_claim(),
+            admin_value: None,
+        }
+    }
 }
 
 impl JwtConfig {
@@ -559,6 +631,11 @@ impl Config {
         }
         if let Some(cluster) = &self.cluster {
             cluster.validate().map_err(ConfigError::Invalid)?;
+        }
+        if self.console.enabled
+            && (self.console.database.is_empty() || self.console.admin_claim.is_empty())
+        {
+            return invalid("console.database and console.admin_claim must not be empty".into());
         }
         Ok(())
     }

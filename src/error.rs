@@ -40,6 +40,22 @@ pub enum ClientError {
     ServerLost,
     #[error("client connection lost: {0}")]
     ClientIo(#[from] std::io::Error),
+    /// An administrator ended the session from the console (KILL/SUSPEND TENANT).
+    #[error("terminating connection: {0}")]
+    Killed(String),
+    #[error(
+        "tenant \"{0}\" is suspended: new sessions are refused until an administrator resumes it"
+    )]
+    TenantSuspended(String),
+    #[error("session ended: the token expired; reconnect with a new token")]
+    TokenExpired,
+    #[error("session ended: it reached [jwt] session_max_lifetime; reconnect")]
+    LifetimeReached,
+    #[error("the console needs a token with the admin claim")]
+    NotAdmin,
+    /// A console command failed; the console session goes on (severity ERROR).
+    #[error("{0}")]
+    Console(#[from] crate::console::ConsoleError),
     #[error("{0}")]
     Directory(#[from] DirectoryError),
 }
@@ -116,6 +132,12 @@ impl ClientError {
             // Retryable: the metadata database may be back in a moment.
             ClientError::Directory(DirectoryError::Unavailable) => SqlState::CANNOT_CONNECT_NOW,
             ClientError::Directory(DirectoryError::Invalid { .. }) => SqlState::INTERNAL_ERROR,
+            ClientError::Killed(_) => SqlState::ADMIN_SHUTDOWN,
+            ClientError::TenantSuspended(_) | ClientError::TokenExpired | ClientError::NotAdmin => {
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            }
+            ClientError::LifetimeReached => SqlState::ADMIN_SHUTDOWN,
+            ClientError::Console(e) => console_sqlstate(e),
         }
     }
 
@@ -134,8 +156,12 @@ impl ClientError {
             }
             other => other.to_string(),
         };
+        let severity = match self {
+            ClientError::Console(_) => Severity::Error,
+            _ => Severity::Fatal,
+        };
         WireError {
-            severity: Severity::Fatal,
+            severity,
             code: self.sqlstate().code().to_string(),
             message,
         }
@@ -164,7 +190,22 @@ impl ClientError {
             ClientError::Directory(DirectoryError::Suspended) => "tenant_suspended",
             ClientError::Directory(DirectoryError::Unavailable) => "directory_unavailable",
             ClientError::Directory(DirectoryError::Invalid { .. }) => "directory_invalid",
+            ClientError::Killed(_) => "killed",
+            ClientError::TenantSuspended(_) => "tenant_suspended",
+            ClientError::TokenExpired => "token_expired",
+            ClientError::LifetimeReached => "lifetime",
+            ClientError::NotAdmin => "not_admin",
+            ClientError::Console(_) => "console",
         }
+    }
+}
+
+fn console_sqlstate(e: &crate::console::ConsoleError) -> SqlState {
+    use crate::console::ConsoleError;
+    match e {
+        ConsoleError::Syntax(_) => SqlState::SYNTAX_ERROR,
+        ConsoleError::Unsupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
+        ConsoleError::Reload(_) => SqlState::CONFIG_FILE_ERROR,
     }
 }
 
@@ -211,6 +252,23 @@ mod tests {
             (ClientError::AuditFull, "57P03"),
             (AuthError::KeysUnavailable.into(), "57P03"),
             (AuthError::UnknownKid.into(), "28P01"),
+            (ClientError::Killed("tenant t killed".into()), "57P01"),
+            (ClientError::TenantSuspended("t".into()), "28000"),
+            (ClientError::TokenExpired, "28000"),
+            (ClientError::LifetimeReached, "57P01"),
+            (ClientError::NotAdmin, "28000"),
+            (
+                crate::console::ConsoleError::Syntax("x".into()).into(),
+                "42601",
+            ),
+            (
+                crate::console::ConsoleError::Unsupported("x".into()).into(),
+                "0A000",
+            ),
+            (
+                crate::console::ConsoleError::Reload("x".into()).into(),
+                "F0000",
+            ),
             (
                 PoolError::Setup {
                     pool: "shared".into(),
@@ -235,6 +293,13 @@ mod tests {
         assert_eq!(suspended.message, "tenant suspended");
         let down = ClientError::from(DirectoryError::Unavailable).to_wire();
         assert_eq!(down.message, "tenant directory unavailable");
+    }
+
+    #[test]
+    fn console_errors_keep_the_session() {
+        let e: ClientError = crate::console::ConsoleError::Syntax("x".into()).into();
+        assert_eq!(e.to_wire().severity, Severity::Error);
+        assert_eq!(ClientError::NotAdmin.to_wire().severity, Severity::Fatal);
     }
 
     #[test]

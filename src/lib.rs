@@ -15,6 +15,7 @@
 //! - `cluster`: replica ids in cancel keys, forwarding cancels to peers
 //! - `session`: one client: startup → auth → route → checkout → relay
 //! - `server`: listener, accept loop, shutdown
+//! - `console`: the admin console (virtual database `pgtenant`: SHOW, PAUSE, KILL, RELOAD, ...)
 //! - `audit`: audit events, the local spool, shipping to the audit table
 //! - `metrics`, `admin`: metric names and the HTTP endpoint
 //! - `error`: every error mapped to SQLSTATE at the edge
@@ -33,6 +34,7 @@ pub mod cancel;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod embedded_pg;
 pub mod error;

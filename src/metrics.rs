@@ -49,6 +49,8 @@ pub const DIRECTORY_LOOKUP_SECONDS: &str = "pgtenant_directory_lookup_seconds";
 pub const JWKS_REFRESHES_TOTAL: &str = "pgtenant_jwks_refreshes_total";
 pub const JWKS_KEYS: &str = "pgtenant_jwks_keys";
 pub const JWKS_AGE_SECONDS: &str = "pgtenant_jwks_age_seconds";
+pub const SESSIONS_ENDED_TOTAL: &str = "pgtenant_sessions_ended_total";
+pub const CONSOLE_COMMANDS_TOTAL: &str = "pgtenant_console_commands_total";
 
 /// The label value shared by tenants beyond the cap (and by all with `tenant_labels = false`).
 pub const OTHER_TENANT: &str = "other";
@@ -289,6 +291,14 @@ fn describe() {
         JWKS_AGE_SECONDS,
         Unit::Seconds,
         "Time since the last successful fetch of [jwt] jwks_url; past jwks_max_staleness tokens are refused."
+    );
+    describe_counter!(
+        SESSIONS_ENDED_TOTAL,
+        "Client sessions that ended after they started relaying, by reason (terminated, client_closed, server_closed, shutdown, killed, token_expired, lifetime, protocol)."
+    );
+    describe_counter!(
+        CONSOLE_COMMANDS_TOTAL,
+        "Admin console commands run, by command (show_clients, pause, kill_tenant, ...; unknown for parse errors)."
     );
     describe_gauge!(
         BUILD_INFO,

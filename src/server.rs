@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -96,6 +96,12 @@ pub struct Shared {
     pub audit: Option<Arc<crate::audit::Audit>>,
     /// Reloads run one at a time: each builds on the snapshot it replaces.
     reloading: tokio::sync::Mutex<()>,
+    /// Live sessions and the console's pauses and suspensions (process-local).
+    pub sessions: Arc<crate::session::registry::SessionRegistry>,
+    /// The config file `serve` was started with: the console's RELOAD re-reads it.
+    config_path: Mutex<Option<PathBuf>>,
+    /// Set by the console's SHUTDOWN; `run` (and `ProxyHandle::stop_requested`) watch it.
+    stop_requested: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -148,6 +154,45 @@ impl Shared {
         let label = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "result" => label).increment(1);
         result
+    }
+
+    /// Remembers the config file to re-read on the console's RELOAD.
+    pub fn set_config_path(&self, path: &Path) {
+        *self.config_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.to_owned());
+    }
+
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Loads, checks and applies the config file at `path` (SIGHUP and the console's
+    /// RELOAD). On any error the running config stays; the error says why.
+    pub async fn reload_file(&self, path: &Path) -> anyhow::Result<()> {
+        let rejected = |error: anyhow::Error| {
+            warn!(config = %path.display(), error = format!("{error:#}"), "config reload rejected; the running config stays");
+            metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "result" => "error")
+                .increment(1);
+            error
+        };
+        let new = Config::load(path).map_err(|e| rejected(e.into()))?;
+        // A reload may add or repoint a shared upstream: it gets the checks a start would run.
+        doctor_on_start(&new).await.map_err(rejected)?;
+        // `reload` logs and counts its own outcome.
+        self.reload(new).await
+    }
+
+    /// The console's SHUTDOWN: the same graceful stop as SIGTERM.
+    pub fn request_stop(&self) {
+        self.stop_requested.send_replace(true);
+    }
+
+    /// Resolves once the console asked for SHUTDOWN.
+    pub async fn stop_requested(&self) {
+        let mut rx = self.stop_requested.subscribe();
+        let _ = rx.wait_for(|stop| *stop).await;
     }
 }
 
@@ -211,7 +256,7 @@ pub struct ProxyHandle {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
-    shutdown_tx: watch::Sender<bool>,
+    shutdown_tx: Arc<watch::Sender<bool>>,
     accept_task: JoinHandle<()>,
 }
 
@@ -306,6 +351,9 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
         clients: Arc::new(Semaphore::new(config.limits.max_client_connections)),
         runtime: ArcSwap::from_pointee(runtime),
         reloading: tokio::sync::Mutex::new(()),
+        sessions: Default::default(),
+        config_path: Mutex::new(None),
+        stop_requested: watch::channel(false).0,
         cancels: CancelRegistry::new(config.cluster.as_ref().map_or(0, |c| c.replica_id)),
         tls,
         shutdown: shutdown_rx.clone(),
@@ -327,6 +375,19 @@ pub async fn spawn(config: Config) -> anyhow::Result<ProxyHandle> {
     };
 
     let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+    // The console's SHUTDOWN closes the listener and drains sessions even without `run`
+    // (which also waits for the drain and flushes the audit trail).
+    // The task holds no strong reference: a dropped ProxyHandle still closes the listener.
+    let shutdown_tx = Arc::new(shutdown_tx);
+    let stopper = Arc::downgrade(&shutdown_tx);
+    let mut stop_rx = shared.stop_requested.subscribe();
+    tokio::spawn(async move {
+        if stop_rx.wait_for(|stop| *stop).await.is_ok() {
+            if let Some(tx) = stopper.upgrade() {
+                let _ = tx.send(true);
+            }
+        }
+    });
     info!(%addr, admin = ?admin_addr, "pgtenant listening");
     Ok(ProxyHandle {
         addr,
@@ -372,12 +433,17 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let mut hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     doctor_on_start(&config).await?;
     let handle = spawn(config).await?;
+    handle.shared.set_config_path(path);
     // One future for the whole run: a SIGTERM arriving during a reload is not lost.
     let stop = wait_for_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            () = handle.shared.stop_requested() => {
+                info!("SHUTDOWN from the admin console");
+                break;
+            }
             hup = hangups.recv() => match hup {
                 Some(()) => reload_from_file(&handle, path).await,
                 None => {
@@ -395,20 +461,8 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
 /// SIGHUP: load, check and apply the file; on any error the running config stays.
 async fn reload_from_file(handle: &ProxyHandle, path: &Path) {
     info!(config = %path.display(), "SIGHUP: reloading the config");
-    let rejected = |error: String| {
-        warn!(config = %path.display(), error, "config reload rejected; the running config stays");
-        metrics::counter!(crate::metrics::CONFIG_RELOADS_TOTAL, "result" => "error").increment(1);
-    };
-    let new = match Config::load(path) {
-        Ok(new) => new,
-        Err(e) => return rejected(e.to_string()),
-    };
-    // A reload may add or repoint a shared upstream: it gets the checks a start would run.
-    if let Err(e) = doctor_on_start(&new).await {
-        return rejected(format!("{e:#}"));
-    }
-    // `reload` logs and counts its own outcome.
-    let _ = handle.reload(new).await;
+    // `reload_file` logs and counts its own outcome.
+    let _ = handle.shared.reload_file(path).await;
 }
 
 pub async fn wait_for_signal() {

@@ -42,6 +42,13 @@ pub const MAX_KID_LEN: usize = 256;
 /// Longest user name or `jti` kept; both go to audit records and logs.
 pub const MAX_USER_LEN: usize = 256;
 
+/// The value of the claim `name` (dots address nested claims, as for `tenant_claim`) in a
+/// verified token's claims; `None` when absent or when `name` is not a valid claim path.
+pub fn claim<'a>(claims: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    let path = claims::ClaimPath::parse(name).ok()?;
+    path.lookup(claims.as_object()?)
+}
+
 /// Who a verified token speaks for. Holds no token text, so it is safe to log and audit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Identity {

@@ -37,10 +37,34 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|e| format!("<token error: {e}>"))
     };
     println!("{}", instructions(&env, proxy.addr.port(), &mint));
+    let console = proxy.shared.config().console.clone();
+    if console.enabled {
+        let claim_value = match &console.admin_value {
+            Some(v) => serde_json::Value::String(v.clone()),
+            None => serde_json::Value::Bool(true),
+        };
+        let admin = crate::auth::issue_hs256(
+            secret.as_bytes(),
+            &tenant_claim,
+            "ops",
+            Some("admin@demo"),
+            8 * 3600,
+            &[(console.admin_claim.clone(), claim_value)],
+        )
+        .unwrap_or_else(|e| format!("<token error: {e}>"));
+        println!(
+            "Admin console (SHOW CLIENTS, SHOW POOLS, PAUSE, KILL TENANT ...; SHOW HELP lists them):\n  PGPASSWORD='{admin}' psql \"host=127.0.0.1 port={} user=admin dbname={}\" -c 'SHOW CLIENTS'\n",
+            proxy.addr.port(),
+            console.database
+        );
+    }
     println!("PostgreSQL (throwaway) listens on 127.0.0.1:{}", pg.port);
     println!("Press Ctrl-C to stop and remove everything.");
 
-    crate::server::wait_for_signal().await;
+    tokio::select! {
+        () = crate::server::wait_for_signal() => {}
+        () = proxy.shared.stop_requested() => {}
+    }
     eprintln!("pgtenant demo: stopping");
     proxy.stop().await;
     pg.stop()?;

@@ -5,11 +5,13 @@ mod audit_tap;
 mod client;
 mod filter;
 mod handshake;
+mod lifetime;
+pub mod registry;
 pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
@@ -27,9 +29,13 @@ use crate::protocol::messages;
 use crate::server::{Runtime, Shared};
 use crate::tenant::DirectoryError;
 
-use audit_tap::{AuditGate, FilterChain, SessionAudit};
-use client::ClientConn;
-use handshake::{Hello, Refused, StartupParams};
+pub use audit_tap::SessionAudit;
+pub use client::ClientConn;
+pub use handshake::StartupParams;
+
+use audit_tap::{AuditGate, FilterChain};
+use handshake::{Hello, Refused};
+use registry::{NewSession, SessionHandle};
 use relay::{Relay, RelayEnd};
 
 /// Serves one accepted TCP connection to its end. Never panics on client input; every
@@ -107,6 +113,11 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         conn.send_error(&ClientError::TooManyClients).await;
         return;
     };
+    let console = &rt.config.console;
+    if console.enabled && params.database == console.database {
+        crate::console::serve(*conn, &identity, &shared, &rt, session_audit.as_ref()).await;
+        return;
+    }
     if let Err(error) = run_session(
         &mut conn,
         &params,
@@ -123,7 +134,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
-fn m_auth_failure(reason: &'static str) {
+pub(crate) fn m_auth_failure(reason: &'static str) {
     metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
 }
 
@@ -175,6 +186,7 @@ async fn run_session(
         }
     }
     let audit = audit.map(|a| &*a);
+    let session = register(shared, identity, params, &upstream, conn.peer, audit).await?;
 
     // Settings applied with bind parameters before any client byte reaches the server:
     // the tenant context (shared upstreams) and the client's allow-listed parameters.
@@ -225,6 +237,14 @@ async fn run_session(
     }
     metrics::histogram!(m::POOL_CHECKOUT_SECONDS, "upstream" => upstream.to_string())
         .record(started.elapsed().as_secs_f64());
+    session.entry.live.set_server(server.id, server.backend_pid);
+    let deadline = lifetime::deadline(
+        rt.config.jwt.session_max_lifetime,
+        identity.expires_at,
+        rt.config.jwt.leeway_secs,
+        SystemTime::now(),
+    )
+    .map(|(left, why)| (tokio::time::Instant::now() + left, why));
 
     let key = shared.cancels.register();
     shared.cancels.set_target(
@@ -288,18 +308,37 @@ async fn run_session(
         key,
         shared,
         &labels,
-        filter,
-        statement_audit
-            .map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
+        Inspect {
+            filter,
+            on_statement: statement_audit
+                .map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
+        },
+        relay::Watches {
+            control: session.control.clone(),
+            live: &session.entry.live,
+            deadline,
+        },
     )
     .await;
 
+    // A killed session's query in flight is cancelled before its connection is destroyed:
+    // a backend busy in a long statement would not notice the closed socket until it writes.
+    if let Ok(RelayOutcome {
+        end: RelayEnd::Killed(_),
+        server_idle: false,
+        ..
+    }) = &result
+    {
+        // The key is this replica's own, so no peer list is needed.
+        shared.cancels.cancel(key, None).await;
+    }
     shared.cancels.remove(key);
     open.decrement(1.0);
     let outcome = match result {
         Ok(outcome) => outcome,
         Err(e) => {
             release(server, false, context.as_deref()).await;
+            m_ended(e.label());
             if let Some(a) = audit {
                 a.session_end(totals(started_relay, Default::default()), e.label());
             }
@@ -311,6 +350,11 @@ async fn run_session(
         .increment(stats.client_bytes);
     metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
         .increment(stats.server_bytes);
+    session
+        .entry
+        .live
+        .publish(stats.queries, stats.client_bytes, stats.server_bytes);
+    m_ended(end_label(&outcome.end));
     if let Some(a) = audit {
         a.session_end(totals(started_relay, stats), end_label(&outcome.end));
     }
@@ -319,11 +363,17 @@ async fn run_session(
         client_bytes = stats.client_bytes, server_bytes = stats.server_bytes,
         end = ?outcome.end, "session ended"
     );
-    let reusable = outcome.server_idle && !matches!(outcome.end, RelayEnd::ServerClosed);
+    // A killed session's server connection is destroyed even when idle: incident response
+    // does not trust what the session may have left behind.
+    let reusable =
+        outcome.server_idle && !matches!(outcome.end, RelayEnd::ServerClosed | RelayEnd::Killed(_));
     release(server, reusable, context.as_deref()).await;
+    drop(session);
     match outcome.end {
         RelayEnd::ClientViolation(e) => Err(e),
         RelayEnd::Shutdown => Err(ClientError::ShuttingDown),
+        RelayEnd::Killed(reason) => Err(ClientError::Killed(reason.to_string())),
+        RelayEnd::Expired(why) => Err(why.error()),
         RelayEnd::ServerClosed => Err(ClientError::ServerLost),
         RelayEnd::Terminated | RelayEnd::ClientClosed => Ok(()),
     }
@@ -346,7 +396,48 @@ fn end_label(end: &RelayEnd) -> &'static str {
         RelayEnd::ClientViolation(e) => e.label(),
         RelayEnd::ServerClosed => "server_closed",
         RelayEnd::Shutdown => "shutdown",
+        RelayEnd::Killed(_) => "killed",
+        RelayEnd::Expired(why) => why.error().label(),
     }
+}
+
+fn m_ended(reason: &'static str) {
+    metrics::counter!(m::SESSIONS_ENDED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Enters the session in the registry (refused while its tenant is suspended) and waits
+/// while its tenant is paused.
+async fn register(
+    shared: &Shared,
+    identity: &Identity,
+    params: &StartupParams,
+    upstream: &Arc<str>,
+    peer: SocketAddr,
+    audit: Option<&SessionAudit>,
+) -> Result<SessionHandle, ClientError> {
+    let refused = |error: ClientError| {
+        m_refused(error.label());
+        if let Some(a) = audit {
+            a.refused(EventKind::SessionRefused, &error);
+        }
+        error
+    };
+    let mut session = shared
+        .sessions
+        .register(NewSession {
+            tenant: identity.tenant.clone(),
+            user: identity.user.clone(),
+            upstream: upstream.clone(),
+            peer,
+            application_name: params.application_name.clone(),
+            token_expires_at: identity.expires_at,
+        })
+        .map_err(refused)?;
+    session
+        .wait_runnable(&mut shared.shutdown.clone())
+        .await
+        .map_err(refused)?;
+    Ok(session)
 }
 
 struct RelayOutcome {
@@ -354,6 +445,12 @@ struct RelayOutcome {
     /// The server connection was between requests when the relay ended.
     server_idle: bool,
     stats: relay::RelayStats,
+}
+
+/// What looks at the client's statements: the filter chain and the statement audit.
+struct Inspect<'a> {
+    filter: Option<&'a dyn relay::ClientFilter>,
+    on_statement: Option<&'a (dyn Fn(relay::CompletedStatement) + Send + Sync)>,
 }
 
 /// Sends AuthenticationOk, the server's ParameterStatus values, pgtenant's BackendKeyData and
@@ -364,8 +461,11 @@ async fn greet_and_relay(
     key: crate::cancel::ClientKey,
     shared: &Shared,
     labels: &[(&'static str, String)],
-    filter: Option<&dyn relay::ClientFilter>,
-    on_statement: Option<&(dyn Fn(relay::CompletedStatement) + Send + Sync)>,
+    Inspect {
+        filter,
+        on_statement,
+    }: Inspect<'_>,
+    watches: relay::Watches<'_>,
 ) -> Result<RelayOutcome, ClientError> {
     let mut hello = BytesMut::with_capacity(512);
     messages::auth_ok(&mut hello);
@@ -390,6 +490,7 @@ async fn greet_and_relay(
         on_queries,
         filter,
         on_statement,
+        watches: Some(watches),
     };
     let end = relay.run(shared.shutdown.clone()).await;
     Ok(RelayOutcome {

@@ -45,6 +45,7 @@ pub(super) fn hs_cfg() -> JwtConfig {
         jwks_min_refetch_interval: JwtConfig::default_jwks_miss(),
         jwks_allow_http: false,
         jwks_ca_file: None,
+        session_max_lifetime: None,
     }
 }
 

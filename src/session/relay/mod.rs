@@ -19,9 +19,14 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use std::sync::Arc;
+
 use crate::error::ClientError;
 use crate::pool::ServerConn;
 use crate::protocol::frame::FrameScanner;
+
+use super::lifetime::Expiry;
+use super::registry::{Control, LiveStats, SessionState};
 
 use server_side::ServerSide;
 
@@ -44,6 +49,18 @@ pub enum RelayEnd {
     ServerClosed,
     /// pgtenant is shutting down and the session reached an idle point outside a transaction.
     Shutdown,
+    /// The console killed the session (it ends at once, even mid-request).
+    Killed(Arc<str>),
+    /// The session's deadline passed and it reached an idle point outside a transaction.
+    Expired(Expiry),
+}
+
+/// What the relay watches for its session besides shutdown: the console's control channel,
+/// the deadline, and where it publishes its state and counters (relaxed stores, no locks).
+pub struct Watches<'a> {
+    pub control: watch::Receiver<Control>,
+    pub live: &'a LiveStats,
+    pub deadline: Option<(tokio::time::Instant, Expiry)>,
 }
 
 /// Counters a session reports when it ends.
@@ -68,6 +85,8 @@ pub struct Relay<'a, C> {
     pub filter: Option<&'a dyn ClientFilter>,
     /// Receives every statement the server completed, when `cycle.tracker` is set (audit).
     pub on_statement: Option<&'a (dyn Fn(CompletedStatement) + Send + Sync)>,
+    /// The session's control channel, deadline and live stats; `None` for a bare relay.
+    pub watches: Option<Watches<'a>>,
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
@@ -93,22 +112,84 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
         };
         let mut local = BytesMut::new();
         let mut draining = *shutdown.borrow();
+        let (mut control, live, deadline) = match self.watches.take() {
+            Some(w) => (Some(w.control), Some(w.live), w.deadline),
+            None => (None, None, None),
+        };
+        let mut paused = false;
+        if let Some(c) = control.as_mut() {
+            match &*c.borrow_and_update() {
+                Control::Kill(reason) => return RelayEnd::Killed(reason.clone()),
+                Control::Paused => paused = true,
+                Control::Run => {}
+            }
+        }
+        let mut expired = false;
+        let expiry = tokio::time::sleep_until(deadline.map_or_else(far_future, |(at, _)| at));
+        tokio::pin!(expiry);
 
         // Pipelined bytes that arrived with the password are forwarded first.
         let mut pending_client_bytes = !client_buf.is_empty();
         loop {
             // Drain: end the session between requests and outside a transaction, so a
-            // transaction in progress gets to finish (up to the shutdown deadline).
-            if draining && self.cycle.idle() && *server_side.tx_status == b'I' {
+            // transaction in progress gets to finish (up to the shutdown deadline). An
+            // expired session ends at the same points.
+            let at_boundary = self.cycle.idle() && *server_side.tx_status == b'I';
+            if at_boundary && draining {
                 return RelayEnd::Shutdown;
             }
-            if !pending_client_bytes {
+            if let (true, true, Some((_, why))) = (at_boundary, expired, deadline) {
+                return RelayEnd::Expired(why);
+            }
+            // PAUSE holds the next request at a transaction boundary: at most one read of
+            // it is taken in (so SHOW CLIENTS can tell a held request), none is forwarded.
+            let hold = paused && at_boundary;
+            if let Some(live) = live {
+                live.set_state(if hold && client_buf.is_empty() {
+                    SessionState::Paused
+                } else if hold {
+                    SessionState::Waiting
+                } else if self.cycle.idle() {
+                    SessionState::from_tx_status(*server_side.tx_status)
+                } else {
+                    SessionState::Active
+                });
+                live.publish(
+                    self.stats.queries,
+                    self.stats.client_bytes,
+                    self.stats.server_bytes,
+                );
+            }
+            if !pending_client_bytes || hold {
                 reserve(client_buf);
                 reserve(server_side.buf);
                 tokio::select! {
                     biased;
                     changed = shutdown.changed(), if !draining => {
                         draining = changed.is_err() || *shutdown.borrow();
+                        continue;
+                    }
+                    changed = control_changed(control.as_mut()) => {
+                        let Some(c) = control.as_mut() else { continue };
+                        if changed.is_err() {
+                            // The registry is gone with its process: nothing more to obey.
+                            control = None;
+                            continue;
+                        }
+                        let was_paused = paused;
+                        match &*c.borrow_and_update() {
+                            Control::Kill(reason) => return RelayEnd::Killed(reason.clone()),
+                            Control::Paused => paused = true,
+                            Control::Run => paused = false,
+                        }
+                        // A request held while paused goes on now.
+                        if was_paused && !paused && !client_buf.is_empty() {
+                            pending_client_bytes = true;
+                        }
+                        continue;
+                    }
+                    () = &mut expiry, if deadline.is_some() && !expired => {
+                        expired = true;
                         continue;
                     }
                     read = server_r.read_buf(server_side.buf) => {
@@ -121,10 +202,14 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                         }
                         continue;
                     }
-                    read = client_r.read_buf(client_buf) => {
+                    read = client_r.read_buf(client_buf), if !hold || client_buf.is_empty() => {
                         match read {
                             Ok(0) | Err(_) => return RelayEnd::ClientClosed,
                             Ok(_) => {}
+                        }
+                        if hold {
+                            pending_client_bytes = true;
+                            continue;
                         }
                     }
                 }
@@ -194,6 +279,21 @@ fn report_statements(
             report(done);
         }
     }
+}
+
+/// Resolves when the control channel changes; never without one.
+async fn control_changed(
+    control: Option<&mut watch::Receiver<Control>>,
+) -> Result<(), watch::error::RecvError> {
+    match control {
+        Some(c) => c.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A deadline that never comes, for a session without one (about 30 years out).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30)
 }
 
 fn reserve(buf: &mut BytesMut) {
