@@ -79,7 +79,10 @@ fn refresh_pool_gauges(shared: &Shared) {
         .unwrap_or_default();
     for s in rt.pools.stats().into_iter().chain(directory) {
         let up = s.name.to_string();
+        metrics::gauge!(m::POOL_SIZE, "upstream" => up.clone()).set(s.size as f64);
         metrics::gauge!(m::POOL_CONNECTIONS, "upstream" => up.clone()).set(s.connections as f64);
+        let in_use = s.connections.saturating_sub(s.idle);
+        metrics::gauge!(m::POOL_IN_USE, "upstream" => up.clone()).set(in_use as f64);
         metrics::gauge!(m::POOL_IDLE, "upstream" => up.clone()).set(s.idle as f64);
         metrics::gauge!(m::POOL_WAITING, "upstream" => up).set(s.pending_waiters as f64);
     }

@@ -20,6 +20,8 @@ pub const QUERY_DURATION_SECONDS: &str = "pgtenant_query_duration_seconds";
 pub const CLIENT_BYTES_TOTAL: &str = "pgtenant_client_bytes_total";
 pub const SERVER_BYTES_TOTAL: &str = "pgtenant_server_bytes_total";
 pub const POOL_CONNECTIONS: &str = "pgtenant_pool_connections";
+pub const POOL_SIZE: &str = "pgtenant_pool_size";
+pub const POOL_IN_USE: &str = "pgtenant_pool_in_use_connections";
 pub const POOL_IDLE: &str = "pgtenant_pool_idle_connections";
 pub const POOL_WAITING: &str = "pgtenant_pool_waiting_clients";
 pub const POOL_CHECKOUT_SECONDS: &str = "pgtenant_pool_checkout_seconds";
@@ -174,6 +176,14 @@ fn describe() {
         "Server connections in the pool, by upstream."
     );
     describe_gauge!(
+        POOL_SIZE,
+        "Configured pool_size (the most server connections the pool opens), by upstream."
+    );
+    describe_gauge!(
+        POOL_IN_USE,
+        "Server connections checked out to sessions, by upstream."
+    );
+    describe_gauge!(
         POOL_IDLE,
         "Idle server connections in the pool, by upstream."
     );
@@ -184,7 +194,7 @@ fn describe() {
     describe_histogram!(
         POOL_CHECKOUT_SECONDS,
         Unit::Seconds,
-        "Time to obtain a ready server connection, by upstream."
+        "Time to obtain a ready server connection (the tenant context included), by upstream and tenant."
     );
     describe_counter!(
         SERVER_RESETS_TOTAL,

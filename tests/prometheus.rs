@@ -143,6 +143,7 @@ async fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_isolation_series() {
+    const ACME_POOL_SIZE: u32 = 7;
     // An upstream nobody listens on, for the connect-error series.
     let proxy = common::start_proxy(|c| {
         let mut ghost = c.upstreams["acme"].clone();
@@ -163,6 +164,7 @@ async fn prometheus_scrapes_the_isolation_series() {
         );
         c.upstreams.insert("signed".into(), signed);
         c.tenants.map.insert("signedco".into(), "signed".into());
+        c.upstreams.get_mut("acme").expect("acme upstream").pool_size = ACME_POOL_SIZE;
     })
     .await;
     let admin = proxy.admin_addr.expect("the demo config has [admin]");
@@ -366,6 +368,19 @@ async fn prometheus_scrapes_the_isolation_series() {
         at_least(1.0),
     )
     .await;
+    // Every session has ended, so nothing is checked out; the size is the config's.
+    prom.eventually(
+        admin,
+        r#"pgtenant_pool_in_use_connections{upstream="acme"}"#,
+        exact(0),
+    )
+    .await;
+    prom.eventually(
+        admin,
+        r#"pgtenant_pool_size{upstream="acme"}"#,
+        exact(ACME_POOL_SIZE as usize),
+    )
+    .await;
     prom.eventually(
         admin,
         r#"pgtenant_pool_waiting_clients{upstream="shared"}"#,
@@ -374,13 +389,13 @@ async fn prometheus_scrapes_the_isolation_series() {
     .await;
     prom.eventually(
         admin,
-        r#"pgtenant_pool_checkout_seconds_count{upstream="acme"}"#,
+        r#"pgtenant_pool_checkout_seconds_count{upstream="acme",tenant="acme"}"#,
         exact(ACME_SESSIONS),
     )
     .await;
     prom.eventually(
         admin,
-        r#"pgtenant_pool_checkout_seconds_bucket{upstream="acme",le="+Inf"}"#,
+        r#"pgtenant_pool_checkout_seconds_bucket{upstream="acme",tenant="acme",le="+Inf"}"#,
         exact(ACME_SESSIONS),
     )
     .await;

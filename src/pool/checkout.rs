@@ -51,6 +51,8 @@ pub enum PoolError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStats {
     pub name: Arc<str>,
+    /// `pool_size`: the most server connections the pool opens.
+    pub size: u32,
     /// Established server connections, idle or checked out.
     pub connections: u32,
     pub idle: u32,
@@ -81,6 +83,7 @@ struct UpstreamPool {
     /// Deadline for the session settings round trip in `checkout_ready`.
     setup_timeout: Duration,
     waiters: AtomicU64,
+    size: u32,
 }
 
 impl Pools {
@@ -207,6 +210,7 @@ impl Pools {
                 let state = p.pool.state();
                 PoolStats {
                     name: p.name.clone(),
+                    size: p.size,
                     connections: state.connections,
                     idle: state.idle_connections,
                     pending_waiters: p.waiters.load(Ordering::Relaxed),
@@ -293,6 +297,7 @@ impl UpstreamPool {
             checkout_timeout: up.checkout_timeout,
             setup_timeout: up.connect_timeout,
             waiters: AtomicU64::new(0),
+            size: up.pool_size,
         })
     }
 

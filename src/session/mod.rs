@@ -235,8 +235,7 @@ async fn run_session(
             return Err(error);
         }
     }
-    metrics::histogram!(m::POOL_CHECKOUT_SECONDS, "upstream" => upstream.to_string())
-        .record(started.elapsed().as_secs_f64());
+    let checkout_seconds = started.elapsed().as_secs_f64();
     session.entry.live.set_server(server.id, server.backend_pid);
     let deadline = lifetime::deadline(
         rt.config.jwt.session_max_lifetime,
@@ -261,6 +260,9 @@ async fn run_session(
         ("tenant", tenant_label.clone()),
         ("upstream", upstream.to_string()),
     ];
+    // Per tenant too (bounded by `[metrics] max_tenant_labels`): one tenant waiting on a
+    // saturated pool shows up on its own.
+    metrics::histogram!(m::POOL_CHECKOUT_SECONDS, &labels).record(checkout_seconds);
     metrics::counter!(m::SESSIONS_TOTAL, &labels).increment(1);
     let open = metrics::gauge!(m::CLIENT_CONNECTIONS, &labels);
     open.increment(1.0);
