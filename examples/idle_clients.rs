@@ -101,7 +101,10 @@ async fn open(config: &tokio_postgres::Config, timeout: Duration) -> Result<Clie
 fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 
@@ -131,10 +134,30 @@ async fn open_all(a: &Args, config: &tokio_postgres::Config) -> (Vec<Client>, BT
     while let Some(joined) = tasks.join_next().await {
         match joined.expect("connect task") {
             Ok(c) => clients.push(c),
-            Err(e) => *errors.entry(e).or_insert(0) += 1,
+            Err(e) => *errors.entry(without_numbers(&e)).or_insert(0) += 1,
         }
     }
     (clients, errors)
+}
+
+/// Groups errors that differ only in numbers ("after waiting 5001 ms"); the SQLSTATE at the
+/// start stays.
+fn without_numbers(e: &str) -> String {
+    let (code, rest) = e.split_at(e.find(' ').unwrap_or(0));
+    let mut out = String::from(code);
+    let mut in_number = false;
+    for ch in rest.chars() {
+        if ch.is_ascii_digit() {
+            if !in_number {
+                out.push('N');
+            }
+            in_number = true;
+        } else {
+            out.push(ch);
+            in_number = false;
+        }
+    }
+    out
 }
 
 /// A fresh client's `SELECT 1` while everything else is open: "ok" or why not.

@@ -221,7 +221,9 @@ $tls
 ${BOUNCER_EXTRA:-}
 INI
     if [ "$(id -u)" = 0 ]; then chown postgres "$WORK"/pgbouncer.ini "$WORK"/userlist.txt; fi
-    as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+    # runuser's PAM session resets the open-files limit: raise it again to the hard limit.
+    # shellcheck disable=SC2016  # expanded by the inner shell
+    as_pg sh -c 'ulimit -n "$(ulimit -Hn)"; exec pgbouncer "$1"' sh "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
     wait_port "$BOUNCER_PORT" 10 || { echo "PgBouncer did not start:" >&2; tail -5 "$WORK/pgbouncer.log" >&2; return 1; }
     BOUNCER_PID=$(pgrep -n -x -f "pgbouncer $WORK/pgbouncer.ini")
 }
