@@ -51,7 +51,10 @@ fn select_response() -> Vec<u8> {
     let mut v = frame(b'1', b"");
     v.extend(frame(b'2', b""));
     v.extend(frame(b'T', &[0u8; 27]));
-    v.extend(frame(b'D', &[0, 1, 0, 0, 0, 5, b'1', b'2', b'3', b'4', b'5']));
+    v.extend(frame(
+        b'D',
+        &[0, 1, 0, 0, 0, 5, b'1', b'2', b'3', b'4', b'5'],
+    ));
     v.extend(frame(b'C', b"SELECT 1\0"));
     v.extend(frame(b'Z', b"I"));
     v
@@ -79,7 +82,10 @@ fn cycle(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     for (name, filter) in [
         ("extended_batch_no_filter", None),
-        ("extended_batch_guard_cached", Some(&guard as &dyn ClientFilter)),
+        (
+            "extended_batch_guard_cached",
+            Some(&guard as &dyn ClientFilter),
+        ),
     ] {
         g.bench_function(name, |b| {
             let mut cycle = Cycle::default();
@@ -193,7 +199,11 @@ fn relay(c: &mut Criterion) {
                 })
             })
         });
-        assert_eq!(answer, response.repeat(depth), "the relay forwards the response");
+        assert_eq!(
+            answer,
+            response.repeat(depth),
+            "the relay forwards the response"
+        );
     }
     g.finish();
 }

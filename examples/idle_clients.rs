@@ -110,7 +110,10 @@ fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Opens up to `a.clients` clients, `a.concurrency` at a time; stops early after
 /// `a.max_failures` failures. Returns the open clients and the failures by message.
-async fn open_all(a: &Args, config: &tokio_postgres::Config) -> (Vec<Client>, BTreeMap<String, usize>) {
+async fn open_all(
+    a: &Args,
+    config: &tokio_postgres::Config,
+) -> (Vec<Client>, BTreeMap<String, usize>) {
     let permits = Arc::new(Semaphore::new(a.concurrency));
     let failures = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -118,7 +121,11 @@ async fn open_all(a: &Args, config: &tokio_postgres::Config) -> (Vec<Client>, BT
         if failures.load(Ordering::Relaxed) >= a.max_failures {
             break;
         }
-        let permit = permits.clone().acquire_owned().await.expect("semaphore open");
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
         let (config, timeout, failures) = (config.clone(), a.timeout, failures.clone());
         tasks.spawn(async move {
             let r = open(&config, timeout).await;
