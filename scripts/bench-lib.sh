@@ -242,3 +242,9 @@ record() { RESULTS["$1"]+="$2;"; }
 # results_col KEY N: field N of every run recorded for KEY, one per line.
 results_col() { tr ';' '\n' <<<"${RESULTS["$1"]:-}" | awk -v n="$2" 'NF{print $n}'; }
 median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END{if(NR==0){print 0}else if(NR%2){print a[(NR+1)/2]}else{printf "%.1f", (a[NR/2]+a[NR/2+1])/2}}'; }
+# median_fmt FORMAT: the median of the numbers on stdin, printed with FORMAT (printf).
+median_fmt() {
+    tr ' ' '\n' | sort -n | awk -v f="$1" '{a[NR]=$1} END{
+        if (NR == 0) { print 0; exit }
+        printf f "\n", (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2 }'
+}

@@ -17,6 +17,7 @@
 #   QUICK=1 scripts/bench-pooling.sh                  # smoke: 3 s runs, 1 repetition
 #   PGTENANT_POOL_MODE=transaction scripts/bench-pooling.sh
 #   DURATION=20 REPS=3 CLIENTS=64 SCALE=10 POOL_SIZE=20 WORKLOADS="select latency" ...
+#   WARMUP=2: seconds of unrecorded pgbench per target before the first repetition
 #
 # POOL_SIZE is the server-connection budget (PgBouncer's default_pool_size, pgtenant's
 # pool_size). pgtenant in session mode (the default until transaction pooling lands) pins a
@@ -123,6 +124,14 @@ measure() {
     fi
 }
 
+# Warm-up (not recorded): every target's server connections open and caches fill before
+# the first measured run, so whichever target runs first is not charged for it.
+DURATION_SAVED=$DURATION; DURATION=${WARMUP:-2}
+for t in $TARGETS; do
+    measure "warmup|$t" "$t" extended "$max_clients" "" >/dev/null 2>&1 || true
+done
+DURATION=$DURATION_SAVED
+
 declare -A CLIENTS_OF
 echo "PostgreSQL $(psql_admin -c 'SHOW server_version' | cut -d' ' -f1), PgBouncer $(bouncer_version), pgtenant $mode mode; ${DURATION}s x $REPS; work dir $WORK" >&2
 for rep in $(seq "$REPS"); do
@@ -174,10 +183,10 @@ fmt_int() { sed ':a;s/\B[0-9]\{3\}\>/,&/;ta' <<<"$1"; }
 summary() {
     local key=$1 tps lat p50 p99 cpu failed bad
     tps=$(results_col "$key" 1 | median | awk '{printf "%.0f", $1}')
-    lat=$(results_col "$key" 2 | awk '$1!="–"' | median)
-    p50=$(results_col "$key" 6 | awk '$1!="–"' | median)
-    p99=$(results_col "$key" 7 | awk '$1!="–"' | median)
-    cpu=$(results_col "$key" 4 | awk '$1!="–"' | median)
+    lat=$(results_col "$key" 2 | awk '$1!="–"' | median_fmt %.3f)
+    p50=$(results_col "$key" 6 | awk '$1!="–"' | median_fmt %.3f)
+    p99=$(results_col "$key" 7 | awk '$1!="–"' | median_fmt %.3f)
+    cpu=$(results_col "$key" 4 | awk '$1!="–"' | median_fmt %.1f)
     failed=$(results_col "$key" 3 | awk '{s+=$1} END{print s+0}')
     bad=$(results_col "$key" 8 | grep -c FAILED || true)
     echo "$tps $lat $p50 $p99 $cpu $failed $bad"
