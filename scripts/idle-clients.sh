@@ -100,9 +100,9 @@ for t in $TARGETS; do
 done
 for t in $TARGETS; do
     errors=$(val "$t" errors)
-    [ -n "$errors" ] && echo && echo "- $t errors: $errors"
+    if [ -n "$errors" ]; then echo; echo "- $t errors: $errors"; fi
 done
-if [[ " $TARGETS " == *" pgtenant "* ]] && [ "$mode" = session ]; then
+if [[ " $TARGETS " == *" pgtenant "* ]] && [ "$mode" = session ] && [ "$CLIENTS" -gt "$POOL_SIZE" ]; then
     echo
     echo "- pgtenant ran in **session mode**: every session pins one of the $POOL_SIZE server connections, so at most $POOL_SIZE clients can be connected at once and the rest are refused after checkout_timeout. Holding $CLIENTS idle clients on $POOL_SIZE server connections needs transaction pooling (PGTENANT_POOL_MODE=transaction)."
 fi
