@@ -27,29 +27,7 @@ start_postgres
 create_bench_db
 
 # PgBouncer: SCRAM to clients and server, one pool per mode is chosen per run via pool_mode.
-SCRAM_SECRET=$(psql_admin -c "SELECT rolpassword FROM pg_authid WHERE rolname='bench_app'")
-echo "\"bench_app\" \"$SCRAM_SECRET\"" > "$WORK/userlist.txt"
-start_bouncer() {
-    cat > "$WORK/pgbouncer.ini" <<INI
-[databases]
-bench_db = host=127.0.0.1 port=$PGPORT dbname=bench_db
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $BOUNCER_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/userlist.txt
-pool_mode = $1
-default_pool_size = 20
-max_client_conn = 500
-logfile = $WORK/pgbouncer.log
-INI
-    [ "$(id -u)" = 0 ] && chown postgres "$WORK"/pgbouncer.ini "$WORK"/userlist.txt
-    as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
-    sleep 0.5
-    BOUNCER_PID=$(pgrep -n -f "pgbouncer $WORK/pgbouncer.ini")
-}
-stop_bouncer() { kill "$BOUNCER_PID" 2>/dev/null || true; sleep 0.3; BOUNCER_PID=; }
+bouncer_userlist
 
 # pgtenant: tenant "bench" routed to its dedicated database.
 make_token
