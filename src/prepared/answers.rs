@@ -200,11 +200,6 @@ impl Answers {
         self.queue.is_empty()
     }
 
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
     pub fn push(&mut self, entry: Entry, state: &mut State<'_>) {
         if self.skipping {
             if !entry.is_sync() {
@@ -283,22 +278,21 @@ impl Answers {
             return ServerAction::Forward;
         };
         let action = error_action(&failed.step);
-        failed.undo.apply(state);
-        // The server now skips every message until Sync: they never happened.
+        // The server now skips every message until Sync: they never happened. Their
+        // effects are rolled back last first (an injected Parse may re-add a name that an
+        // eviction before it removed).
+        let mut undone = vec![failed.undo];
         loop {
             match self.queue.front() {
                 Some(e) if e.is_sync() => break,
-                Some(_) => {
-                    if let Some(skipped) = self.queue.pop_front() {
-                        skipped.undo.apply(state);
-                    }
-                }
+                Some(_) => undone.extend(self.queue.pop_front().map(|e| e.undo)),
                 None => {
                     self.skipping = true;
                     break;
                 }
             }
         }
+        undone.into_iter().rev().for_each(|u| u.apply(state));
         action
     }
 }

@@ -138,7 +138,10 @@ mod tests {
     fn recognizes_the_forms_postgres_accepts() {
         assert_eq!(parse(b"DEALLOCATE s1"), name("s1"));
         assert_eq!(parse(b"  deallocate prepare S1 ;  "), name("s1"));
-        assert_eq!(parse(b"DEALLOCATE \"My \"\"Stmt\"\"\""), name("My \"Stmt\""));
+        assert_eq!(
+            parse(b"DEALLOCATE \"My \"\"Stmt\"\"\""),
+            name("My \"Stmt\"")
+        );
         assert_eq!(parse(b"DEALLOCATE ALL"), Some(Target::All));
         assert_eq!(parse(b"deallocate prepare all;"), Some(Target::All));
         assert_eq!(parse(b"DEALLOCATE \"all\""), name("all"));

@@ -214,7 +214,11 @@ impl Rewriter<'_> {
             // Prepare it first, in a cycle of its own: if that fails (failed transaction),
             // the server must not skip the DEALLOCATE, which then reports the error itself.
             put_parse(self.out, server_name, &def);
-            self.push(Entry::hidden(Ends::ParseComplete, OnError::Drop, Undo::Nothing));
+            self.push(Entry::hidden(
+                Ends::ParseComplete,
+                OnError::Drop,
+                Undo::Nothing,
+            ));
             put_frame(self.out, tags::SYNC, |_| {});
             self.push(Entry::hidden(Ends::Sync, OnError::Drop, Undo::Nothing));
         }
@@ -268,7 +272,12 @@ impl Rewriter<'_> {
     fn refuse(&mut self, refusal: StatementRefusal) -> Option<()> {
         let mut error = BytesMut::with_capacity(96);
         let code = crate::error::statement_refusal_sqlstate(&refusal);
-        messages::error_response(&mut error, Severity::Error, code.code(), &refusal.to_string());
+        messages::error_response(
+            &mut error,
+            Severity::Error,
+            code.code(),
+            &refusal.to_string(),
+        );
         put_describe_statement(self.out, |b| put_cstr(b, NEVER_PREPARED.as_bytes()));
         self.push(Entry::hidden(
             Ends::Describe,
