@@ -6,7 +6,7 @@
 //! how to roll back what the rewriter assumed when it was sent (`Undo`). Local entries are
 //! emitted as soon as they are first in line.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -170,6 +170,16 @@ impl Entry {
         }
     }
 
+    fn ends_cycle(&self) -> bool {
+        matches!(
+            self.step,
+            Step::Server {
+                ends: Ends::Sync | Ends::Query,
+                ..
+            }
+        )
+    }
+
     fn is_sync(&self) -> bool {
         matches!(
             self.step,
@@ -193,6 +203,24 @@ pub(super) struct Answers {
     /// The server failed a message and no Sync was sent since: it ignores everything
     /// until the next Sync, so entries pushed now are rolled back at once.
     skipping: bool,
+    /// Request cycles (Sync, Query, FunctionCall) sent, and answered or skipped.
+    cycles_sent: u64,
+    cycles_done: u64,
+    /// Statement names changed in a cycle still in flight.
+    pub unsettled: Unsettled,
+}
+
+/// Names whose last change (Parse, Close, eviction, DEALLOCATE) belongs to a request cycle
+/// whose answer has not arrived: the server may still skip it after an error. A message of
+/// a later cycle that depends on such a name waits (see `Answers::blocked`), so it is
+/// rewritten against what really happened, as PostgreSQL would run it.
+#[derive(Debug, Default)]
+pub(super) struct Unsettled {
+    /// Name → number of the cycle that settles it.
+    client: HashMap<Box<[u8]>, u64>,
+    server: HashMap<ServerName, u64>,
+    /// DEALLOCATE ALL / DISCARD ALL: every name.
+    all: u64,
 }
 
 impl Answers {
@@ -208,7 +236,61 @@ impl Answers {
             }
             self.skipping = false;
         }
+        if entry.ends_cycle() {
+            self.cycles_sent += 1;
+        }
         self.queue.push_back(entry);
+    }
+
+    /// Forgets settled names once nothing is in flight.
+    pub fn settle_if_idle(&mut self) {
+        if self.queue.is_empty() {
+            self.unsettled = Unsettled::default();
+        }
+    }
+
+    /// A change made now is settled by the next cycle sent.
+    pub fn note_client(&mut self, name: &[u8]) {
+        let at = self.cycles_sent + 1;
+        self.unsettled.client.insert(name.into(), at);
+    }
+
+    pub fn note_server(&mut self, name: ServerName) {
+        let at = self.cycles_sent + 1;
+        self.unsettled.server.insert(name, at);
+    }
+
+    pub fn note_all(&mut self) {
+        self.unsettled.all = self.cycles_sent + 1;
+    }
+
+    /// Whether a change settled by cycle `at` is in an earlier cycle still unanswered.
+    fn pending(&self, at: u64) -> bool {
+        at <= self.cycles_sent && at > self.cycles_done
+    }
+
+    /// A message using these names must wait for earlier cycles to be answered.
+    pub fn blocked(&self, client: Option<&[u8]>, server: Option<ServerName>) -> bool {
+        let u = &self.unsettled;
+        self.pending(u.all)
+            || client.is_some_and(|n| u.client.get(n).is_some_and(|at| self.pending(*at)))
+            || server.is_some_and(|n| u.server.get(&n).is_some_and(|at| self.pending(*at)))
+    }
+
+    /// Client names whose change in an earlier cycle is unanswered (the client's count of
+    /// statements is uncertain by this much).
+    pub fn pending_client_changes(&self) -> usize {
+        (self.unsettled.client.values())
+            .filter(|at| self.pending(**at))
+            .count()
+    }
+
+    /// Whether any name is unsettled in an earlier cycle (for DEALLOCATE ALL).
+    pub fn any_blocked(&self) -> bool {
+        let u = &self.unsettled;
+        self.pending(u.all)
+            || u.client.values().any(|at| self.pending(*at))
+            || u.server.values().any(|at| self.pending(*at))
     }
 
     /// Emits the local answers at the head of the queue.
@@ -255,6 +337,9 @@ impl Answers {
         }
         if ends.ended_by(tag) {
             self.queue.pop_front();
+            if ends.answers_until_ready() {
+                self.cycles_done += 1;
+            }
         }
         if forward {
             ServerAction::Forward
@@ -285,7 +370,11 @@ impl Answers {
         loop {
             match self.queue.front() {
                 Some(e) if e.is_sync() => break,
-                Some(_) => undone.extend(self.queue.pop_front().map(|e| e.undo)),
+                Some(e) => {
+                    // A skipped simple Query never gets its ReadyForQuery.
+                    self.cycles_done += u64::from(e.ends_cycle());
+                    undone.extend(self.queue.pop_front().map(|e| e.undo));
+                }
                 None => {
                     self.skipping = true;
                     break;

@@ -152,13 +152,18 @@ impl PreparedStatements {
     }
 
     /// Rewrites a run of complete client frames for the connection `server` into `out`.
-    /// Frames that need no change are copied as they are. Errors: a malformed frame.
+    /// Frames that need no change are copied as they are. Returns how many bytes of
+    /// `frames` it took: fewer than all when a frame depends on a statement changed in an
+    /// earlier request cycle whose answer has not arrived (the server may still skip that
+    /// change after an error). The relay keeps the rest and offers it again after the next
+    /// ReadyForQuery it relays; the steady state (Bind/Execute/Sync of known statements)
+    /// never waits. Errors: a malformed frame (08P01 for the client).
     pub fn rewrite(
         &mut self,
         frames: &[u8],
         server: &mut ServerStatements,
         out: &mut BytesMut,
-    ) -> Result<(), PreparedError> {
+    ) -> Result<usize, PreparedError> {
         rewrite::Rewriter {
             client: &mut self.client,
             answers: &mut self.answers,

@@ -139,7 +139,11 @@ impl ServerStatements {
     /// Makes room for one more statement: removes and returns the least recently used one
     /// that no open portal may depend on. None when there is room, or when every statement
     /// is protected (the bound is then exceeded until the transaction ends).
-    pub(super) fn evict_for_insert(&mut self) -> Option<(ServerName, Arc<StatementDef>)> {
+    /// `keep` names statements that must not go either.
+    pub(super) fn evict_for_insert(
+        &mut self,
+        keep: impl Fn(ServerName) -> bool,
+    ) -> Option<(ServerName, Arc<StatementDef>)> {
         if self.slots.len() < self.max {
             return None;
         }
@@ -147,7 +151,7 @@ impl ServerStatements {
         let victim = self
             .slots
             .iter()
-            .filter(|(_, s)| s.bound != epoch)
+            .filter(|(name, s)| s.bound != epoch && !keep(**name))
             .min_by_key(|(_, s)| s.used)
             .map(|(name, _)| *name)?;
         self.remove(victim).map(|def| (victim, def))

@@ -242,19 +242,30 @@ fn conn(max: usize) -> Conn {
 
 /// Rewrites `client_bytes`, runs them on `conn`'s backend, relays the answers back.
 /// Returns (what the server got, what the client saw).
+/// When the rewriter holds frames back, they are offered again after the answers.
 fn round_trip(
     ps: &mut PreparedStatements,
     conn: &mut Conn,
     client_bytes: &[u8],
 ) -> (BytesMut, BytesMut) {
-    let mut to_server = BytesMut::new();
-    ps.rewrite(client_bytes, &mut conn.statements, &mut to_server)
-        .unwrap();
+    let mut all_sent = BytesMut::new();
     let mut to_client = BytesMut::new();
-    ps.drain_due(&mut to_client);
-    let answers = conn.backend.run(&to_server);
-    relay_answers(ps, &mut conn.statements, &answers, &mut to_client);
-    (to_server, to_client)
+    let mut rest = client_bytes;
+    for _ in 0..100 {
+        let mut to_server = BytesMut::new();
+        let n = ps
+            .rewrite(rest, &mut conn.statements, &mut to_server)
+            .unwrap();
+        ps.drain_due(&mut to_client);
+        let answers = conn.backend.run(&to_server);
+        relay_answers(ps, &mut conn.statements, &answers, &mut to_client);
+        all_sent.extend_from_slice(&to_server);
+        rest = &rest[n..];
+        if rest.is_empty() {
+            return (all_sent, to_client);
+        }
+    }
+    panic!("the rewriter never took the rest: {:?}", sent(rest));
 }
 
 fn relay_answers(

@@ -48,7 +48,7 @@ struct Client {
     direct: Backend,
 }
 
-fn check_seed(seed: u64) {
+fn check_seed(seed: u64, pipelining: bool) -> Counters {
     let mut rng = StdRng::seed_from_u64(seed);
     let per_client = 3;
     let mut clients: Vec<Client> = (0..3)
@@ -61,10 +61,15 @@ fn check_seed(seed: u64) {
         })
         .collect();
     let mut conns = [conn(2), conn(2)];
+    let mut total = Counters::default();
     for step in 0..200 {
         let c = rng.gen_range(0..clients.len());
         let k = rng.gen_range(0..conns.len());
-        let b = random_batch(&mut rng);
+        // Sometimes the client pipelines several batches before reading any answer.
+        let mut b = random_batch(&mut rng);
+        while pipelining && rng.gen_ratio(1, 2) {
+            b.extend_from_slice(&random_batch(&mut rng));
+        }
         let client = &mut clients[c];
         let expected = seen(&client.direct.run(&b));
         let (to_server, saw) = round_trip(&mut client.ps, &mut conns[k], &b);
@@ -79,6 +84,10 @@ fn check_seed(seed: u64) {
             client.ps.idle(),
             "seed {seed} step {step}: answers left over"
         );
+        let counted = client.ps.take_counters();
+        total.reparsed += counted.reparsed;
+        total.evicted += counted.evicted;
+        total.hits += counted.hits;
         // The bookkeeping matches both backends exactly.
         let mut names: Vec<_> = client
             .direct
@@ -120,11 +129,30 @@ fn check_seed(seed: u64) {
             );
         }
     }
+    total
+}
+
+/// The runs went through every path: re-Parses, evictions and locally answered Parses.
+fn check_seeds(pipelining: bool) {
+    let mut total = Counters::default();
+    for seed in 0..150 {
+        let c = check_seed(seed, pipelining);
+        total.reparsed += c.reparsed;
+        total.evicted += c.evicted;
+        total.hits += c.hits;
+    }
+    assert!(
+        total.reparsed > 100 && total.evicted > 100 && total.hits > 100,
+        "{total:?}"
+    );
 }
 
 #[test]
 fn clients_see_what_one_connection_would_answer() {
-    for seed in 0..300 {
-        check_seed(seed);
-    }
+    check_seeds(false);
+}
+
+#[test]
+fn pipelined_batches_see_what_one_connection_would_answer() {
+    check_seeds(true);
 }

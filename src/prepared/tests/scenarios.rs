@@ -382,11 +382,11 @@ fn statements_bound_in_the_open_transaction_are_not_evicted() {
     server.protect(n1);
     server.protect(n2);
     assert!(
-        server.evict_for_insert().is_none(),
+        server.evict_for_insert(|_| false).is_none(),
         "all in use: exceed the bound"
     );
     server.on_idle();
-    assert_eq!(server.evict_for_insert().map(|(n, _)| n), Some(n1));
+    assert_eq!(server.evict_for_insert(|_| false).map(|(n, _)| n), Some(n1));
 }
 
 #[test]
