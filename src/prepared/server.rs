@@ -63,6 +63,11 @@ impl ServerStatements {
         self.slots.is_empty()
     }
 
+    /// The names recorded as prepared (any order).
+    pub fn names(&self) -> impl Iterator<Item = ServerName> + '_ {
+        self.slots.keys().copied()
+    }
+
     pub fn contains(&self, name: ServerName) -> bool {
         self.slots.contains_key(&name)
     }
