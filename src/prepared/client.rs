@@ -27,9 +27,10 @@ impl StatementDef {
 
     /// Same text and types (a hash match alone may be a collision).
     pub fn same_content(&self, other: &StatementDef) -> bool {
-        self.hash == other.hash
-            && self.query == other.query
-            && self.param_types == other.param_types
+        std::ptr::eq(self, other)
+            || self.hash == other.hash
+                && self.query == other.query
+                && self.param_types == other.param_types
     }
 }
 

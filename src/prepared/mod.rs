@@ -11,9 +11,14 @@
 //! bytes and decisions out, and emits the counters of [`Counters`].
 //!
 //! # How the relay uses it (the exact sequence)
-//! 1. After the `Cycle` decided which client frames to forward, pass those complete frames
-//!    to [`PreparedStatements::rewrite`] with the attached connection's `ServerStatements`;
-//!    send `out` to the server instead of the client's bytes.
+//! 1. After the `Cycle` decided which client frames to forward, pass those frames, whole
+//!    (see [`wants_whole_client`]), to [`PreparedStatements::rewrite`] with the attached
+//!    connection's `ServerStatements`; send `out` to the server instead of the client's
+//!    bytes. Frames of other tags (CopyData, CopyDone, CopyFail) need no rewriting and may
+//!    stream past, in order. `rewrite` may take fewer bytes than offered (a frame depends on
+//!    a statement change still in flight): keep the rest, read no further client frames
+//!    past it, and offer it again after the next ReadyForQuery is relayed. The connection
+//!    stays attached meanwhile (answers are owed, so the relay is not idle).
 //! 2. Call [`PreparedStatements::drain_due`] into the client output right after (a Parse or
 //!    Close answered locally may be due at once, e.g. `Parse` + `Flush`).
 //! 3. For every server frame, in order: [`PreparedStatements::on_server_message`] with its
@@ -24,7 +29,17 @@
 //! 4. After the last frame of a server read, [`PreparedStatements::drain_due`] again.
 //! 5. When the pool resets a connection (`DISCARD ALL`), call `ServerStatements::clear`.
 //!    A connection may return to the pool only when [`PreparedStatements::idle`] holds (the
-//!    `Cycle` idle rule already implies it).
+//!    `Cycle` idle rule already implies it). `ServerStatements` lives with the connection
+//!    (beside `ServerConn`), `PreparedStatements` with the client session.
+//! 6. Emit [`Counters`] (from `take_counters`) as `pgtenant_prepared_statements_*`.
+//!
+//! `Cycle` keeps its own FIFO of ReadyForQuery expectations; it is unaffected, since
+//! every ReadyForQuery pgtenant adds (the hidden Sync of a `DEALLOCATE`) is swallowed here
+//! and pgtenant's in-band refusals still end with the server's own ReadyForQuery.
+//!
+//! A client's definition has no fixed server name: the name is resolved per connection
+//! (`ServerStatements::resolve`), because a hash collision probes past names another
+//! statement holds on that connection.
 //!
 //! Every message sent to the server pushes one entry (in order) onto an answer FIFO that
 //! knows how the server answers it; a message answered locally pushes a local entry, emitted
@@ -198,6 +213,22 @@ impl PreparedStatements {
     pub fn drain_due(&mut self, client_out: &mut BytesMut) {
         self.answers.drain_due(client_out);
     }
+}
+
+/// Client frames `rewrite` must see whole (the others need no rewriting).
+pub fn wants_whole_client(tag: u8) -> bool {
+    matches!(
+        tag,
+        tags::PARSE
+            | tags::BIND
+            | tags::DESCRIBE
+            | tags::CLOSE
+            | tags::EXECUTE
+            | tags::SYNC
+            | tags::FLUSH
+            | tags::QUERY
+            | tags::FUNCTION_CALL
+    )
 }
 
 /// Server frames the relay must hand over whole (it may drop or replace them).
