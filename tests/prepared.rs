@@ -371,6 +371,29 @@ async fn two_clients_over_two_server_connections_get_single_connection_answers()
         .await;
     assert!(got[0].starts_with("E 42P05"), "{got:?}");
 
+    // Close of a statement inside a transaction, then Execute of a portal made from it:
+    // PostgreSQL keeps the portal (the protocol docs say otherwise), and so does pgtenant.
+    tokio.run(a, &query("BEGIN"), "begin").await;
+    let got = tokio
+        .run(
+            a,
+            &b(|m| {
+                frontend::bind("cur", "same", [1i16], [3i32], int4, [0i16], m)
+                    .map_err(|_| "bind")
+                    .unwrap();
+                frontend::close(b'S', "same", m).unwrap();
+                frontend::execute("cur", 0, m).unwrap();
+                frontend::sync(m);
+            }),
+            "portal after its statement's Close",
+        )
+        .await;
+    assert!(got.iter().any(|f| f.contains("SELECT 1")), "{got:?}");
+    tokio.run(a, &query("ROLLBACK"), "rollback").await;
+    tokio
+        .run(a, &libpq_prepare("same", SELECT), "prepare again")
+        .await;
+
     // Close and DEALLOCATE, on connections with and without the statement.
     tokio.run(a, &close_statement("s0"), "close").await;
     tokio.run(bb, &tokio_query("s0", &[1]), "closed").await;

@@ -30,7 +30,9 @@ struct Slot {
     /// Tick of the last use (LRU order).
     used: u64,
     /// Epoch of the last Bind: a portal built from it may still be open until the
-    /// transaction ends, and closing the statement would close that portal too.
+    /// transaction ends. PostgreSQL keeps such a portal when its statement is closed
+    /// (tests/prepared.rs checks it; the protocol docs say the opposite), so this is
+    /// caution: an eviction never touches a statement the open transaction uses.
     bound: u64,
 }
 
