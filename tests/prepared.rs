@@ -175,6 +175,7 @@ impl Client {
                     ServerAction::Forward => to_client.extend_from_slice(&frame),
                     ServerAction::Drop => {}
                     ServerAction::Replace(b) => to_client.extend_from_slice(&b),
+                    ServerAction::Abort => panic!("no hidden cycle here"),
                 }
             }
             self.ps.drain_due(&mut to_client);

@@ -25,6 +25,10 @@ pub enum ServerAction {
     Drop,
     /// Send these bytes to the client instead (pgtenant's own ErrorResponse).
     Replace(Bytes),
+    /// A request cycle the relay added itself (`hidden_cycle`) failed: what follows in the
+    /// pipeline would run without it (say, without the tenant context). The relay ends the
+    /// session and destroys the server connection; the frame is pgtenant's business only.
+    Abort,
 }
 
 /// The server frame that ends the answer to one message.
@@ -88,6 +92,7 @@ pub(super) enum OnError {
     Forward,
     Replace(Bytes),
     Drop,
+    Abort,
 }
 
 /// What to roll back when the message fails or the server skips it.
@@ -396,6 +401,10 @@ fn error_action(step: &Step) -> ServerAction {
             on_error: OnError::Drop,
             ..
         } => ServerAction::Drop,
+        Step::Server {
+            on_error: OnError::Abort,
+            ..
+        } => ServerAction::Abort,
         _ => ServerAction::Forward,
     }
 }

@@ -189,6 +189,25 @@ impl PreparedStatements {
         .run(frames)
     }
 
+    /// The relay wrote a request cycle of its own into the server stream right here (e.g.
+    /// the tenant context as a simple Query, pipelined before the client's first message):
+    /// its answers, up to and including its ReadyForQuery, are dropped; an ErrorResponse
+    /// yields `ServerAction::Abort`. Call it in stream order, between `rewrite` calls.
+    pub fn hidden_cycle(&mut self, server: &mut ServerStatements) {
+        let entry = answers::Entry::hidden(
+            answers::Ends::Query,
+            answers::OnError::Abort,
+            answers::Undo::Nothing,
+        );
+        self.answers.push(
+            entry,
+            &mut answers::State {
+                client: &mut self.client,
+                server,
+            },
+        );
+    }
+
     /// A server frame (`body` is its body when the relay holds it whole, else empty).
     /// Appends the local answers due before it to `client_out`, then says what to do with it.
     pub fn on_server_message(

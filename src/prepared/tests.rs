@@ -282,6 +282,7 @@ fn relay_answers(
             ServerAction::Forward => to_client.extend_from_slice(frame),
             ServerAction::Drop => {}
             ServerAction::Replace(b) => to_client.extend_from_slice(&b),
+            ServerAction::Abort => to_client.extend_from_slice(b"<abort>"),
         }
         rest = tail;
     }

@@ -593,3 +593,37 @@ fn malformed_frames_are_errors() {
     let short = [b'S', 0, 0, 0, 9];
     assert!(ps.rewrite(&short, &mut a.statements, &mut out).is_err());
 }
+
+#[test]
+fn a_cycle_the_relay_adds_is_hidden_from_the_client() {
+    let mut ps = PreparedStatements::new(&cfg(10, 10));
+    let mut a = conn(10);
+    prepare(&mut ps, &mut a, "s1", Q1);
+    // The relay sends its own query first, pipelined with the client's request.
+    let mut to_server = batch(|m| query(m, "select set_config('app.tenant', 'acme', false)"));
+    ps.hidden_cycle(&mut a.statements);
+    ps.rewrite(&bind_execute("s1"), &mut a.statements, &mut to_server)
+        .unwrap();
+    let answers = a.backend.run(&to_server);
+    assert_eq!(seen(&answers), ["C", "Z", "2", "D", "C", "Z"]);
+    let mut to_client = BytesMut::new();
+    relay_answers(&mut ps, &mut a.statements, &answers, &mut to_client);
+    assert_eq!(seen(&to_client), ["2", "D", "C", "Z"]);
+    assert!(ps.idle());
+}
+
+#[test]
+fn a_failing_cycle_of_the_relay_aborts() {
+    let mut ps = PreparedStatements::new(&cfg(10, 10));
+    let mut a = conn(10);
+    let mut to_server = batch(|m| query(m, "select bad"));
+    ps.hidden_cycle(&mut a.statements);
+    let answers = a.backend.run(&to_server);
+    let mut actions = Vec::new();
+    let mut sink = BytesMut::new();
+    for (tag, body) in frames(&answers) {
+        actions.push(ps.on_server_message(tag, &body, &mut a.statements, &mut sink));
+    }
+    assert_eq!(actions, [ServerAction::Abort, ServerAction::Drop]);
+    to_server.clear();
+}
