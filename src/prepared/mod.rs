@@ -25,7 +25,8 @@
 //!    tag (and body when whole; the relay must see ParseComplete, CloseComplete,
 //!    ErrorResponse and ReadyForQuery whole, see [`wants_whole_server`]). It first appends
 //!    any locally synthesized answers that come before this frame to the client output, then
-//!    says what to do with the frame: forward it, drop it, or send a replacement.
+//!    says what to do with the frame: forward it, drop it, send a replacement, or abort
+//!    the session (a `hidden_cycle` of the relay's own failed).
 //! 4. After the last frame of a server read, [`PreparedStatements::drain_due`] again.
 //! 5. When the pool resets a connection (`DISCARD ALL`), call `ServerStatements::clear`.
 //!    A connection may return to the pool only when [`PreparedStatements::idle`] holds (the
@@ -33,9 +34,11 @@
 //!    (beside `ServerConn`), `PreparedStatements` with the client session.
 //! 6. Emit [`Counters`] (from `take_counters`) as `pgtenant_prepared_statements_*`.
 //!
-//! `Cycle` keeps its own FIFO of ReadyForQuery expectations; it is unaffected, since
-//! every ReadyForQuery pgtenant adds (the hidden Sync of a `DEALLOCATE`) is swallowed here
-//! and pgtenant's in-band refusals still end with the server's own ReadyForQuery.
+//! `Cycle` keeps its own FIFO of ReadyForQuery expectations; it stays right if the relay
+//! feeds it only the frames this layer forwards: every ReadyForQuery pgtenant adds (the
+//! hidden Sync of a `DEALLOCATE`, a `hidden_cycle`) comes back as `Drop`, and pgtenant's
+//! in-band refusals still end with the server's own ReadyForQuery. The audit
+//! `StatementTracker` keeps seeing the client's own frames and names.
 //!
 //! A client's definition has no fixed server name: the name is resolved per connection
 //! (`ServerStatements::resolve`), because a hash collision probes past names another
