@@ -56,6 +56,9 @@ pub struct Config {
     /// The admin console (virtual database). Reloadable.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// Bounds of the named prepared statement caches (transaction pooling).
+    #[serde(default)]
+    pub prepared_statements: crate::prepared::PreparedConfig,
 }
 
 /// `pgtenant serve` runs the doctor's isolation checks on every shared upstream at start.

@@ -200,6 +200,17 @@ impl ClientError {
     }
 }
 
+/// SQLSTATE of a client message the prepared-statement layer refuses in band (severity
+/// ERROR, the session goes on), the codes PostgreSQL itself uses for the same refusals.
+pub fn statement_refusal_sqlstate(e: &crate::prepared::StatementRefusal) -> SqlState {
+    use crate::prepared::StatementRefusal;
+    match e {
+        StatementRefusal::Duplicate(_) => SqlState::DUPLICATE_PSTATEMENT,
+        StatementRefusal::Missing(_) => SqlState::INVALID_SQL_STATEMENT_NAME,
+        StatementRefusal::TooMany(_) => SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+    }
+}
+
 fn console_sqlstate(e: &crate::console::ConsoleError) -> SqlState {
     use crate::console::ConsoleError;
     match e {

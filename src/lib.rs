@@ -11,6 +11,7 @@
 //! - `tenant`: `TenantId`, routing of tenants to upstreams
 //! - `isolation`: the signed tenant context on shared upstreams
 //! - `pool`: server connections (bb8 manager), checkout, reset
+//! - `prepared`: named prepared statements across server connections (rename, re-Parse)
 //! - `isolation`: the SQL guard (blocks statements that would change the tenant context)
 //! - `cluster`: replica ids in cancel keys, forwarding cancels to peers
 //! - `session`: one client: startup → auth → route → checkout → relay
@@ -41,6 +42,7 @@ pub mod error;
 pub mod isolation;
 pub mod metrics;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
 pub mod server;
 pub mod session;

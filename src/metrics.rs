@@ -53,6 +53,11 @@ pub const JWKS_KEYS: &str = "pgtenant_jwks_keys";
 pub const JWKS_AGE_SECONDS: &str = "pgtenant_jwks_age_seconds";
 pub const SESSIONS_ENDED_TOTAL: &str = "pgtenant_sessions_ended_total";
 pub const CONSOLE_COMMANDS_TOTAL: &str = "pgtenant_console_commands_total";
+// Named prepared statements across server connections (`prepared`), by upstream; emitted
+// by the relay from `prepared::Counters`.
+pub const PREPARED_REPARSED_TOTAL: &str = "pgtenant_prepared_statements_reparsed_total";
+pub const PREPARED_EVICTED_TOTAL: &str = "pgtenant_prepared_statements_evicted_total";
+pub const PREPARED_CACHE_HITS_TOTAL: &str = "pgtenant_prepared_statements_cache_hits_total";
 
 /// The label value shared by tenants beyond the cap (and by all with `tenant_labels = false`).
 pub const OTHER_TENANT: &str = "other";
@@ -309,6 +314,18 @@ fn describe() {
     describe_counter!(
         CONSOLE_COMMANDS_TOTAL,
         "Admin console commands run, by command (show_clients, pause, kill_tenant, ...; unknown for parse errors)."
+    );
+    describe_counter!(
+        PREPARED_REPARSED_TOTAL,
+        "Parses pgtenant sent because a server connection lacked a client's named prepared statement, by upstream."
+    );
+    describe_counter!(
+        PREPARED_EVICTED_TOTAL,
+        "Prepared statements closed on a server connection to stay within max_server_prepared_statements, by upstream."
+    );
+    describe_counter!(
+        PREPARED_CACHE_HITS_TOTAL,
+        "Client Parses of a named statement answered by pgtenant because the server connection already had it, by upstream."
     );
     describe_gauge!(
         BUILD_INFO,

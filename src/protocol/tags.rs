@@ -31,6 +31,13 @@ pub const DATA_ROW: u8 = b'D';
 pub const COMMAND_COMPLETE: u8 = b'C';
 pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
 pub const PORTAL_SUSPENDED: u8 = b's';
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
+pub const PARAMETER_DESCRIPTION: u8 = b't';
+pub const ROW_DESCRIPTION: u8 = b'T';
+pub const NO_DATA: u8 = b'n';
+pub const NOTIFICATION_RESPONSE: u8 = b'A';
 
 // Startup-phase request codes (in place of a tag).
 pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
