@@ -377,7 +377,7 @@ async fn run_session(
         RelayEnd::Killed(reason) => Err(ClientError::Killed(reason.to_string())),
         RelayEnd::Expired(why) => Err(why.error()),
         RelayEnd::ServerClosed => Err(ClientError::ServerLost),
-        RelayEnd::Terminated | RelayEnd::ClientClosed => Ok(()),
+        RelayEnd::Terminated | RelayEnd::ClientClosed | RelayEnd::Detached => Ok(()),
     }
 }
 
@@ -400,6 +400,7 @@ fn end_label(end: &RelayEnd) -> &'static str {
         RelayEnd::Shutdown => "shutdown",
         RelayEnd::Killed(_) => "killed",
         RelayEnd::Expired(why) => why.error().label(),
+        RelayEnd::Detached => "detached",
     }
 }
 
@@ -493,6 +494,7 @@ async fn greet_and_relay(
         filter,
         on_statement,
         watches: Some(watches),
+        attach: None,
     };
     let end = relay.run(shared.shutdown.clone()).await;
     Ok(RelayOutcome {
