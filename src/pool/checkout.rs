@@ -266,6 +266,7 @@ fn same_pool_settings(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
         && a.tls_ca_file == b.tls_ca_file
         && a.pool_mode == b.pool_mode
         && a.max_server_connections_per_tenant == b.max_server_connections_per_tenant
+        && a.session_features == b.session_features
 }
 
 impl UpstreamPool {

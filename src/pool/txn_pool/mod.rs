@@ -21,7 +21,7 @@ use super::manager::{ConnectErrorSink, Health};
 use super::server_conn::ServerConn;
 use super::target::UpstreamTarget;
 use super::tls::ServerTls;
-use crate::config::UpstreamConfig;
+use crate::config::{SessionFeatures, UpstreamConfig};
 use crate::metrics as m;
 
 use state::{Grant, Idle, State};
@@ -60,6 +60,7 @@ pub struct TxnPool {
     state: Mutex<State<ServerConn, Settings, Reply>>,
     switches: metrics::Counter,
     affinity_hits: metrics::Counter,
+    session_features: SessionFeatures,
 }
 
 impl std::fmt::Debug for TxnPool {
@@ -153,11 +154,22 @@ impl TxnPool {
             health,
             sink,
             state: Mutex::new(State::new(up.pool_size, up.tenant_cap())),
+            session_features: up.session_features,
         }
     }
 
     pub fn name(&self) -> &Arc<str> {
         &self.name
+    }
+
+    /// What a session-only feature does in this pool's sessions.
+    pub fn session_features(&self) -> SessionFeatures {
+        self.session_features
+    }
+
+    /// Deadline for a settings round trip on a connection of this pool.
+    pub fn setup_timeout(&self) -> Duration {
+        self.connect_timeout
     }
 
     /// A connection for `tenant`, waiting up to `checkout_timeout` in the fair queue.
