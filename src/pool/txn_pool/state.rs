@@ -174,27 +174,27 @@ impl<C, K, T> State<C, K, T> {
         let mut out = Vec::new();
         loop {
             let mut served = false;
-            for _ in 0..self.turn.len() {
-                let Some(tenant) = self.turn.pop_front() else {
-                    break;
+            let mut i = 0;
+            // A tenant that cannot be served keeps its place; a served one goes to the back.
+            while i < self.turn.len() {
+                let tenant = self.turn[i].clone();
+                let Some(grant) = self.pick(&tenant) else {
+                    i += 1;
+                    continue;
                 };
-                let grant = self.pick(&tenant);
-                let queue = self.queues.get_mut(&tenant);
-                match (grant, queue) {
-                    (Some(grant), Some(queue)) => {
-                        if let Some(w) = queue.pop_front() {
-                            out.push((w.tx, grant, tenant.clone()));
-                            served = true;
-                        }
-                        if queue.is_empty() {
-                            self.queues.remove(&tenant);
-                        } else {
-                            self.turn.push_back(tenant);
-                        }
+                self.turn.remove(i);
+                let waiter = self.queues.get_mut(&tenant).and_then(VecDeque::pop_front);
+                match waiter {
+                    Some(w) => {
+                        out.push((w.tx, grant, tenant.clone()));
+                        served = true;
                     }
-                    (None, Some(_)) => self.turn.push_back(tenant),
-                    (Some(grant), None) => self.undo(&tenant, grant),
-                    (None, None) => {}
+                    None => self.undo(&tenant, grant),
+                }
+                if self.queues.get(&tenant).is_some_and(|q| !q.is_empty()) {
+                    self.turn.push_back(tenant);
+                } else {
+                    self.queues.remove(&tenant);
                 }
             }
             if !served {

@@ -220,17 +220,29 @@ fn flatten(name: &str, args: &[protobuf::Node]) -> Option<String> {
         match c.val.as_ref()? {
             Val::Ival(v) => out.push_str(&v.ival.to_string()),
             Val::Fval(v) => out.push_str(&v.fval),
-            Val::Sval(v) if list => {
-                out.push('"');
-                out.push_str(&v.sval.replace('"', "\"\""));
-                out.push('"');
-            }
+            Val::Sval(v) if list => quote_ident(&v.sval, &mut out),
             Val::Sval(v) => out.push_str(&v.sval),
             Val::Boolval(v) => out.push_str(if v.boolval { "on" } else { "off" }),
             Val::Bsval(_) => return None,
         }
     }
     Some(out)
+}
+
+/// PostgreSQL's `quote_identifier` as list-quoted parameters need it: quoted unless plain
+/// lower-case (keywords need no quotes inside a setting's value, which is split, not parsed).
+fn quote_ident(name: &str, out: &mut String) {
+    let plain = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if plain {
+        out.push_str(name);
+    } else {
+        out.push('"');
+        out.push_str(&name.replace('"', "\"\""));
+        out.push('"');
+    }
 }
 
 /// ASCII case-insensitive substring test, without allocating.
@@ -313,7 +325,7 @@ mod tests {
         assert_eq!(
             i.changes,
             [
-                SettingChange::Set("search_path".into(), "\"app\", \"$user\"".into()),
+                SettingChange::Set("search_path".into(), "app, \"$user\"".into()),
                 SettingChange::Set("application_name".into(), "x y".into()),
             ]
         );

@@ -139,8 +139,8 @@ mod tests {
     #[test]
     fn a_request_is_ready_when_its_first_message_is_whole() {
         assert!(!request_ready(&BytesMut::from(&b"Q\0\0"[..])));
-        assert!(!request_ready(&BytesMut::from(&b"Q\0\0\0\x09SEL"[..])));
-        assert!(request_ready(&BytesMut::from(&b"Q\0\0\0\x09SELE"[..])));
+        assert!(!request_ready(&BytesMut::from(&b"Q\0\0\0\x09SELE"[..])));
+        assert!(request_ready(&BytesMut::from(&b"Q\0\0\0\x09SELEC"[..])));
         assert!(request_ready(&BytesMut::from(&b"X\0\0\0\x04"[..])));
     }
 }
