@@ -89,6 +89,17 @@ pub struct TxnLease {
     pub waited: Duration,
 }
 
+impl std::fmt::Debug for TxnLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxnLease")
+            .field("conn", &self.conn)
+            .field("tenant", &self.tenant)
+            .field("acquired", &self.acquired)
+            .field("dirty", &self.dirty)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::ops::Deref for TxnLease {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
