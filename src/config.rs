@@ -722,6 +722,27 @@ pub fn expand_env(text: &str) -> Result<String, ConfigError> {
     Ok(out)
 }
 
+/// Transaction-mode settings of one upstream.
+fn validate_pool_mode(name: &str, up: &UpstreamConfig) -> Result<(), String> {
+    if let Some(cap) = up.max_server_connections_per_tenant {
+        if cap == 0 || cap > up.pool_size {
+            return Err(format!(
+                "upstreams.{name}.max_server_connections_per_tenant must be between 1 and pool_size ({})",
+                up.pool_size
+            ));
+        }
+    }
+    if up.pool_mode == PoolMode::Transaction && up.context == ContextMode::Signed {
+        // The signed context is entered with a round trip per server connection and bound to
+        // one backend; per-transaction attach would need it per transaction. Refused rather
+        // than half-supported.
+        return Err(format!(
+            "upstreams.{name}: pool_mode = \"transaction\" cannot be combined with context = \"signed\" (use session pooling for signed contexts)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,25 +844,4 @@ acme = "acme"
         assert!(!valid_setting_name("search_path"));
         assert!(!valid_setting_name("app.x'; drop"));
     }
-}
-
-/// Transaction-mode settings of one upstream.
-fn validate_pool_mode(name: &str, up: &UpstreamConfig) -> Result<(), String> {
-    if let Some(cap) = up.max_server_connections_per_tenant {
-        if cap == 0 || cap > up.pool_size {
-            return Err(format!(
-                "upstreams.{name}.max_server_connections_per_tenant must be between 1 and pool_size ({})",
-                up.pool_size
-            ));
-        }
-    }
-    if up.pool_mode == PoolMode::Transaction && up.context == ContextMode::Signed {
-        // The signed context is entered with a round trip per server connection and bound to
-        // one backend; per-transaction attach would need it per transaction. Refused rather
-        // than half-supported.
-        return Err(format!(
-            "upstreams.{name}: pool_mode = \"transaction\" cannot be combined with context = \"signed\" (use session pooling for signed contexts)"
-        ));
-    }
-    Ok(())
 }

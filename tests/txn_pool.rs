@@ -25,7 +25,10 @@ fn txn_mode(c: &mut Config, pool_size: u32) {
 
 /// The first column of the first row of a simple query.
 async fn simple_value(client: &Client, sql: &str) -> String {
-    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let rows = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.iter()
         .find_map(|m| match m {
             SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
@@ -48,7 +51,9 @@ async fn extended_check(client: &Client) -> (String, Vec<String>, i64) {
 }
 
 fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default()
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default()
 }
 
 async fn simple_check(client: &Client) -> (String, Vec<String>) {
@@ -58,7 +63,13 @@ async fn simple_check(client: &Client) -> (String, Vec<String>) {
         "SELECT coalesce(string_agg(DISTINCT tenant_id, ','), '') FROM customers",
     )
     .await;
-    (setting, seen.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    (
+        setting,
+        seen.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +79,9 @@ async fn many_tenants_share_two_connections_without_crossing() {
     for i in 0..24u64 {
         let tenant = TENANTS[i as usize % TENANTS.len()];
         let addr = proxy.addr;
-        tasks.push(tokio::spawn(async move { client_run(addr, tenant, i).await }));
+        tasks.push(tokio::spawn(
+            async move { client_run(addr, tenant, i).await },
+        ));
     }
     let mut pids = HashSet::new();
     for t in tasks {
@@ -86,8 +99,15 @@ async fn client_run(addr: SocketAddr, tenant: &str, seed: u64) -> HashSet<i32> {
     let mut pids = HashSet::new();
     for step in 0..12 {
         let check = |setting: &str, seen: &[String]| {
-            assert_eq!(setting, tenant, "client {seed} step {step}: wrong tenant context");
-            assert_eq!(seen, [tenant.to_string()], "client {seed} step {step}: foreign rows");
+            assert_eq!(
+                setting, tenant,
+                "client {seed} step {step}: wrong tenant context"
+            );
+            assert_eq!(
+                seen,
+                [tenant.to_string()],
+                "client {seed} step {step}: foreign rows"
+            );
         };
         match rng.gen_range(0..3) {
             0 => {
@@ -109,7 +129,10 @@ async fn client_run(addr: SocketAddr, tenant: &str, seed: u64) -> HashSet<i32> {
                 client.batch_execute("COMMIT").await.expect("commit");
             }
         }
-        let pid: i32 = simple_value(&client, "SELECT pg_backend_pid()").await.parse().unwrap();
+        let pid: i32 = simple_value(&client, "SELECT pg_backend_pid()")
+            .await
+            .parse()
+            .unwrap();
         pids.insert(pid);
     }
     pids
@@ -160,15 +183,22 @@ async fn session_state_pins_and_never_leaks_to_another_tenant() {
 
     let a = common::connect(proxy.addr, "medcorp").await;
     for sql in FEATURES {
-        a.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        a.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
-    a.batch_execute("SET search_path = pg_temp, public").await.expect("set");
+    a.batch_execute("SET search_path = pg_temp, public")
+        .await
+        .expect("set");
     // Pinned: the state stays visible to this client over later transactions.
     let a_pid = simple_value(&a, "SELECT pg_backend_pid()").await;
     assert_eq!(leftover_state(&a).await, "1|1|1|1|1|pg_temp, public");
     assert_eq!(simple_value(&a, "SELECT count(*) FROM scratch").await, "0");
     assert_eq!(simple_value(&a, "SELECT pg_backend_pid()").await, a_pid);
-    assert!(pinned_count(admin).await >= pinned_before + 1.0, "metric counts the pin");
+    assert!(
+        pinned_count(admin).await >= pinned_before + 1.0,
+        "metric counts the pin"
+    );
 
     // Another tenant meanwhile, on the other connection: nothing of it.
     let b = common::connect(proxy.addr, "globex").await;
@@ -193,7 +223,10 @@ async fn session_state_pins_and_never_leaks_to_another_tenant() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(reused, "the pinned connection came back to the pool after a reset");
+    assert!(
+        reused,
+        "the pinned connection came back to the pool after a reset"
+    );
 }
 
 async fn pinned_count(admin: SocketAddr) -> f64 {
@@ -206,7 +239,10 @@ async fn refuse_mode_answers_0a000_and_the_session_goes_on() {
     let proxy = common::start_proxy(|c| {
         txn_mode(c, 2);
         allow_listen(c);
-        c.upstreams.get_mut("shared").expect("shared").session_features = SessionFeatures::Refuse;
+        c.upstreams
+            .get_mut("shared")
+            .expect("shared")
+            .session_features = SessionFeatures::Refuse;
     })
     .await;
     let client = common::connect(proxy.addr, "medcorp").await;
@@ -231,17 +267,34 @@ async fn tracked_settings_survive_a_move_and_do_not_leak() {
     let e = common::connect(proxy.addr, "initech").await;
     e.batch_execute("BEGIN").await.expect("begin");
     let e_pid = simple_value(&e, "SELECT pg_backend_pid()").await;
-    assert_eq!(e_pid, first_pid, "the same tenant's idle connection is preferred");
+    assert_eq!(
+        e_pid, first_pid,
+        "the same tenant's idle connection is preferred"
+    );
     let e_app = simple_value(&e, "SELECT current_setting('application_name')").await;
     assert_ne!(e_app, "moved-app", "c's SET does not reach e");
-    assert_eq!(simple_value(&e, "SELECT current_setting('search_path')").await, "\"$user\", public");
+    assert_eq!(
+        simple_value(&e, "SELECT current_setting('search_path')").await,
+        "\"$user\", public"
+    );
     // c moves to the other connection, with its settings.
     assert_ne!(simple_value(&c, "SELECT pg_backend_pid()").await, first_pid);
-    assert_eq!(simple_value(&c, "SELECT current_setting('application_name')").await, "moved-app");
-    assert_eq!(simple_value(&c, "SELECT current_setting('search_path')").await, "public, pg_catalog");
+    assert_eq!(
+        simple_value(&c, "SELECT current_setting('application_name')").await,
+        "moved-app"
+    );
+    assert_eq!(
+        simple_value(&c, "SELECT current_setting('search_path')").await,
+        "public, pg_catalog"
+    );
     e.batch_execute("COMMIT").await.expect("commit");
-    c.batch_execute("RESET application_name").await.expect("reset");
-    assert_ne!(simple_value(&c, "SELECT current_setting('application_name')").await, "moved-app");
+    c.batch_execute("RESET application_name")
+        .await
+        .expect("reset");
+    assert_ne!(
+        simple_value(&c, "SELECT current_setting('application_name')").await,
+        "moved-app"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,7 +315,10 @@ async fn a_tenant_at_its_cap_does_not_starve_another() {
     let waiting = tokio::spawn(async move { a2.simple_query("SELECT 1").await.map(drop) });
     for _ in 0..5 {
         b.batch_execute("BEGIN").await.expect("b begin");
-        assert_eq!(simple_check(&b).await, ("globex".into(), vec!["globex".into()]));
+        assert_eq!(
+            simple_check(&b).await,
+            ("globex".into(), vec!["globex".into()])
+        );
         b.batch_execute("COMMIT").await.expect("b commit");
     }
     let e = waiting.await.expect("task").expect_err("a2 times out");
@@ -275,7 +331,15 @@ async fn pgbench(addr: SocketAddr, mode: &str, clients: &str) -> String {
     let env = common::env();
     let out = tokio::process::Command::new(env.pg.pgbench_path())
         .args(["-n", "-M", mode, "-c", clients, "-j", "2", "-t", "40"])
-        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string(), "-U", "app", "saas"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &addr.port().to_string(),
+            "-U",
+            "app",
+            "saas",
+        ])
         .env("PGPASSWORD", common::token("initech", "peter"))
         .output()
         .await
@@ -290,11 +354,17 @@ async fn pgbench_runs_clean_in_transaction_mode() {
     let proxy = common::start_proxy(|c| txn_mode(c, 4)).await;
     for mode in ["simple", "extended"] {
         let text = pgbench(proxy.addr, mode, "16").await;
-        assert!(text.contains("number of transactions actually processed: 640/640"), "{text}");
+        assert!(
+            text.contains("number of transactions actually processed: 640/640"),
+            "{text}"
+        );
         assert!(text.contains("number of failed transactions: 0"), "{text}");
     }
     // Named statements pin (until statement renaming lands): as many clients as connections.
     let text = pgbench(proxy.addr, "prepared", "4").await;
-    assert!(text.contains("number of transactions actually processed: 160/160"), "{text}");
+    assert!(
+        text.contains("number of transactions actually processed: 160/160"),
+        "{text}"
+    );
     assert!(text.contains("number of failed transactions: 0"), "{text}");
 }

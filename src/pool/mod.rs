@@ -34,9 +34,9 @@ pub use checkout::{
 pub use manager::{ServerConnManager, UPSTREAM_CONNECT_ERRORS};
 pub use server_conn::{ServerConn, ServerError, APPLICATION_NAME, RESET_TIMEOUT};
 pub use target::UpstreamTarget;
-pub use txn_pool::{Acquired, Settings, TxnLease, TxnPool};
 pub(crate) use tls::encrypt_only_client_config;
 pub use tls::{ServerStream, ServerTls};
+pub use txn_pool::{Acquired, Settings, TxnLease, TxnPool};
 
 #[cfg(test)]
 mod tests;

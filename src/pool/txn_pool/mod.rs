@@ -103,13 +103,17 @@ impl std::fmt::Debug for TxnLease {
 impl std::ops::Deref for TxnLease {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
-        self.conn.as_ref().expect("lease holds its connection until drop")
+        self.conn
+            .as_ref()
+            .expect("lease holds its connection until drop")
     }
 }
 
 impl std::ops::DerefMut for TxnLease {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn.as_mut().expect("lease holds its connection until drop")
+        self.conn
+            .as_mut()
+            .expect("lease holds its connection until drop")
     }
 }
 
@@ -134,7 +138,8 @@ impl Drop for TxnLease {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        let clean = !self.dirty && !conn.broken && conn.read_buf.is_empty() && conn.tx_status == b'I';
+        let clean =
+            !self.dirty && !conn.broken && conn.read_buf.is_empty() && conn.tx_status == b'I';
         let idle = clean.then(|| Idle {
             conn,
             carried: self.carried.take().map(|s| (self.tenant.clone(), s)),
@@ -209,7 +214,9 @@ impl TxnPool {
         }
         Err(PoolError::Unreachable {
             pool: self.name.to_string(),
-            reason: format!("{MAX_ATTEMPTS} server connections failed their checks, last: {last_error}"),
+            reason: format!(
+                "{MAX_ATTEMPTS} server connections failed their checks, last: {last_error}"
+            ),
         })
     }
 
@@ -279,7 +286,14 @@ impl TxnPool {
             Grant::Open => {
                 // A lease without a connection does nothing at drop: a failed connect
                 // releases its slot here.
-                match ServerConn::connect(self.name.clone(), &self.target, &self.tls, self.connect_timeout).await {
+                match ServerConn::connect(
+                    self.name.clone(),
+                    &self.target,
+                    &self.tls,
+                    self.connect_timeout,
+                )
+                .await
+                {
                     Ok(conn) => {
                         self.health_ok();
                         lease.conn = Some(conn);
@@ -318,7 +332,10 @@ impl TxnPool {
             // reaches it (temp tables, prepared statements, cursors, advisory locks,
             // settings including the tenant setting, LISTEN). Only a confirmed reset lets
             // it through; a failed one destroys it.
-            lease.reset().await.map_err(|e| Retry::Again(e.to_string()))?;
+            lease
+                .reset()
+                .await
+                .map_err(|e| Retry::Again(e.to_string()))?;
             lease.acquired = Acquired::Switched;
             self.switches.increment(1);
         }

@@ -79,7 +79,10 @@ async fn affinity_hit_keeps_the_connection_and_a_switch_resets_it() {
         .await
         .expect("query");
     let text = String::from_utf8_lossy(&rows[0][6..]).into_owned();
-    assert_eq!(text, "0pgtenant", "DISCARD ALL dropped a's temp table and setting");
+    assert_eq!(
+        text, "0pgtenant",
+        "DISCARD ALL dropped a's temp table and setting"
+    );
     assert_eq!(pool.stats().connections, 1);
 }
 
@@ -131,5 +134,8 @@ async fn dirty_or_dead_connections_are_destroyed_and_replaced() {
         .expect("terminate");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let lease = pool.checkout(&t("a")).await.expect("replaced");
-    assert_ne!(lease.backend_pid, pid, "the dead idle connection was replaced");
+    assert_ne!(
+        lease.backend_pid, pid,
+        "the dead idle connection was replaced"
+    );
 }

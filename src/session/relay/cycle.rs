@@ -250,7 +250,9 @@ impl Cycle {
         }
         let refusal = match (tag, filter) {
             (tags::QUERY, Some(f)) => sql_of(body, false).and_then(|sql| f.check_sql(sql)),
-            (tags::PARSE, Some(f)) => parse_of(body).and_then(|(name, sql)| f.check_parse(name, sql)),
+            (tags::PARSE, Some(f)) => {
+                parse_of(body).and_then(|(name, sql)| f.check_parse(name, sql))
+            }
             (tags::FUNCTION_CALL, Some(f)) => f.check_function_call(),
             (tags::BIND | tags::EXECUTE, Some(f)) => f.check_execution(),
             _ => None,

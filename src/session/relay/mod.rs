@@ -274,13 +274,13 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                 }
                 bytes
             });
-            let (out, ranges): (&[u8], Vec<std::ops::Range<usize>>) = match &joined {
-                Some(bytes) => (&bytes[..], vec![0..bytes.len()]),
-                None => (&client_buf[..], Vec::new()),
+            let (out, single) = match &joined {
+                Some(bytes) => (&bytes[..], Some(0..bytes.len())),
+                None => (&client_buf[..], None),
             };
             let direct = joined.is_none().then(|| plan.forwarded());
             // Write to the server while still draining what it sends back.
-            for range in ranges.into_iter().chain(direct.into_iter().flatten()) {
+            for range in single.into_iter().chain(direct.into_iter().flatten()) {
                 if joined.is_none() {
                     self.stats.client_bytes += range.len() as u64;
                 }

@@ -152,9 +152,15 @@ mod tests {
         let bytes = ok_cycle("acme");
         let mut s = SetupAnswer::new(1, Some("acme"));
         let mut buf = BytesMut::from(&bytes[..bytes.len() - 2]);
-        assert!(matches!(s.consume(&mut buf, &mut |_, _| {}), SetupProgress::Pending));
+        assert!(matches!(
+            s.consume(&mut buf, &mut |_, _| {}),
+            SetupProgress::Pending
+        ));
         buf.extend_from_slice(&bytes[bytes.len() - 2..]);
-        assert!(matches!(s.consume(&mut buf, &mut |_, _| {}), SetupProgress::Done));
+        assert!(matches!(
+            s.consume(&mut buf, &mut |_, _| {}),
+            SetupProgress::Done
+        ));
         assert!(buf.is_empty());
     }
 

@@ -164,7 +164,11 @@ impl<'a> FeatureFilter<'a> {
         if !self.pinned.swap(true, Ordering::Relaxed) {
             metrics::counter!(m::PINNED_SESSIONS_TOTAL, "upstream" => self.upstream.to_string(), "reason" => feature.label())
                 .increment(1);
-            info!(upstream = self.upstream, reason = feature.label(), "session pinned to its server connection");
+            info!(
+                upstream = self.upstream,
+                reason = feature.label(),
+                "session pinned to its server connection"
+            );
         }
     }
 
@@ -230,7 +234,10 @@ mod tests {
         let snap = s.snapshot();
         assert!(s.setup_for(Some(&snap)).is_none());
         let (bytes, _) = s.setup_for(None).expect("new connection needs setup");
-        assert_eq!(bytes[0], b'P', "no RESET ALL on a connection without settings");
+        assert_eq!(
+            bytes[0], b'P',
+            "no RESET ALL on a connection without settings"
+        );
         let other: Settings = Arc::from(vec![("app.t".to_string(), "acme".to_string())]);
         let (bytes, _) = s.setup_for(Some(&other)).expect("different settings");
         assert_eq!(bytes[0], b'Q', "RESET ALL first");
@@ -268,7 +275,10 @@ mod tests {
         assert!(r.message.contains("LISTEN"));
         assert!(!f.pinned());
         assert!(f.check_sql("SET search_path = a; LISTEN x").is_some());
-        assert!(f.take_changes().is_empty(), "a refused text changes nothing");
+        assert!(
+            f.take_changes().is_empty(),
+            "a refused text changes nothing"
+        );
         assert!(f.check_parse(b"s1", "SELECT 1").is_none());
         assert!(f.pinned());
         let p = FeatureFilter::new(SessionFeatures::Pin, "up");

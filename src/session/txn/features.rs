@@ -101,7 +101,15 @@ const CURSOR_OPT_HOLD: i32 = 0x0020;
 
 /// Words after which a statement may need a look (whole words, ASCII case-insensitive).
 const WORDS: &[&str] = &[
-    "set", "reset", "listen", "declare", "prepare", "temp", "temporary", "load", "discard",
+    "set",
+    "reset",
+    "listen",
+    "declare",
+    "prepare",
+    "temp",
+    "temporary",
+    "load",
+    "discard",
 ];
 
 pub fn inspect(sql: &str) -> Inspection {
@@ -167,7 +175,10 @@ fn temp(rel: Option<&protobuf::RangeVar>, on_commit: i32) -> Option<Feature> {
     (temporary && on_commit != OnCommitAction::OncommitDrop as i32).then_some(Feature::TempTable)
 }
 
-fn variable_set(s: &protobuf::VariableSetStmt, changes: &mut Vec<SettingChange>) -> Option<Feature> {
+fn variable_set(
+    s: &protobuf::VariableSetStmt,
+    changes: &mut Vec<SettingChange>,
+) -> Option<Feature> {
     if s.is_local {
         // SET LOCAL ends with the transaction: nothing to carry.
         return None;
@@ -301,7 +312,10 @@ mod tests {
             ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", HoldCursor),
             ("PREPARE p AS SELECT 1", SqlPrepare),
             ("CREATE TEMP TABLE t (x int)", TempTable),
-            ("create temporary table t (x int) on commit delete rows", TempTable),
+            (
+                "create temporary table t (x int) on commit delete rows",
+                TempTable,
+            ),
             ("CREATE TEMP TABLE t AS SELECT 1", TempTable),
             ("SELECT 1 INTO TEMP t", TempTable),
             ("CREATE TEMP VIEW v AS SELECT 1", TempTable),

@@ -121,7 +121,9 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         audit,
     });
     let gate = audit.map(|a| AuditGate { audit: &a.audit });
-    let mut chain = FilterChain { filters: Vec::new() };
+    let mut chain = FilterChain {
+        filters: Vec::new(),
+    };
     if let Some(gate) = &gate {
         chain.filters.push(gate);
     }
@@ -166,7 +168,10 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         .increment(stats.client_bytes);
     metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
         .increment(stats.server_bytes);
-    session.entry.live.publish(stats.queries, stats.client_bytes, stats.server_bytes);
+    session
+        .entry
+        .live
+        .publish(stats.queries, stats.client_bytes, stats.server_bytes);
     let label = match &result {
         Ok(end) => end_label(end),
         Err(e) => e.label(),
