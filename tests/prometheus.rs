@@ -164,10 +164,7 @@ async fn prometheus_scrapes_the_isolation_series() {
         );
         c.upstreams.insert("signed".into(), signed);
         c.tenants.map.insert("signedco".into(), "signed".into());
-        c.upstreams
-            .get_mut("acme")
-            .expect("acme upstream")
-            .pool_size = ACME_POOL_SIZE;
+        c.upstreams.get_mut("acme").expect("acme upstream").pool_size = ACME_POOL_SIZE;
     })
     .await;
     let admin = proxy.admin_addr.expect("the demo config has [admin]");
