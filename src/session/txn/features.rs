@@ -101,8 +101,6 @@ const CURSOR_OPT_HOLD: i32 = 0x0020;
 
 /// Words after which a statement may need a look (whole words, ASCII case-insensitive).
 const WORDS: &[&str] = &[
-    "set",
-    "reset",
     "listen",
     "declare",
     "prepare",
@@ -111,13 +109,16 @@ const WORDS: &[&str] = &[
     "load",
     "discard",
 ];
+/// Words that only matter where a statement starts (`UPDATE t SET ...` needs no parse).
+const LEADING_WORDS: &[&str] = &["set", "reset"];
 
 pub fn inspect(sql: &str) -> Inspection {
     let lower_hit = |needle: &str| contains_ci(sql, needle);
     // Session advisory locks are found by name, wherever they appear (a string literal
     // holding the name pins too: pinning is always safe). `_xact_` variants do not match.
     let advisory = lower_hit("pg_advisory_lock") || lower_hit("pg_try_advisory_lock");
-    if !advisory && !WORDS.iter().any(|w| has_word(sql, w)) {
+    let leading = || LEADING_WORDS.iter().any(|w| leads_statement(sql, w));
+    if !advisory && !WORDS.iter().any(|w| has_word(sql, w)) && !leading() {
         return Inspection::default();
     }
     let mut out = Inspection::default();
@@ -264,12 +265,31 @@ fn contains_ci(hay: &str, needle: &str) -> bool {
 
 /// Whether `word` occurs as a whole word (ASCII case-insensitive).
 fn has_word(hay: &str, word: &str) -> bool {
+    word_positions(hay, word).next().is_some()
+}
+
+/// Whether `word` occurs where a statement may start: at the beginning or after `;`
+/// (whitespace between). With a comment anywhere in the text, any whole-word occurrence
+/// counts (a comment may sit between `;` and the word): never a false "no".
+fn leads_statement(hay: &str, word: &str) -> bool {
+    let h = hay.as_bytes();
+    let commented = contains_ci(hay, "--") || contains_ci(hay, "/*");
+    word_positions(hay, word).any(|i| {
+        commented
+            || h[..i]
+                .iter()
+                .rev()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_none_or(|&b| b == b';')
+    })
+}
+
+/// Start offsets of `word` as a whole word (ASCII case-insensitive).
+fn word_positions<'a>(hay: &'a str, word: &'a str) -> impl Iterator<Item = usize> + 'a {
     let (h, w) = (hay.as_bytes(), word.as_bytes());
-    if h.len() < w.len() {
-        return false;
-    }
     let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
-    (0..=h.len() - w.len()).any(|i| {
+    let end = (h.len() + 1).saturating_sub(w.len());
+    (0..end).filter(move |&i| {
         h[i..i + w.len()].eq_ignore_ascii_case(w)
             && (i == 0 || !ident(h[i - 1]))
             && h.get(i + w.len()).is_none_or(|&b| !ident(b))
@@ -366,5 +386,14 @@ mod tests {
         assert!(!has_word("settings", "set"));
         assert!(!has_word("offset", "set"));
         assert!(has_word("x;Reset y", "reset"));
+        assert!(leads_statement("  SET x = 1", "set"));
+        assert!(leads_statement("select 1;\n set x = 1", "set"));
+        assert!(!leads_statement("UPDATE t SET x = 1", "set"));
+        assert!(leads_statement(
+            "UPDATE t SET x = 1; /* */ SET y = 2",
+            "set"
+        ));
+        assert!(!leads_statement("", "set"));
+        assert!(!has_word("se", "set"));
     }
 }
