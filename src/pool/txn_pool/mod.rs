@@ -284,25 +284,31 @@ impl TxnPool {
         };
         let idle = match grant {
             Grant::Open => {
-                // A lease without a connection does nothing at drop: a failed connect
-                // releases its slot here.
-                match ServerConn::connect(
+                // The slot is released if the connect fails or is cancelled: a lease without
+                // a connection does nothing at drop.
+                let slot = OpenSlot {
+                    pool: self,
+                    tenant,
+                    armed: true,
+                };
+                let connected = ServerConn::connect(
                     self.name.clone(),
                     &self.target,
                     &self.tls,
                     self.connect_timeout,
                 )
-                .await
-                {
+                .await;
+                match connected {
                     Ok(conn) => {
+                        slot.disarm();
                         self.health_ok();
                         lease.conn = Some(conn);
                         return Ok(lease);
                     }
                     Err(e) => {
+                        drop(slot);
                         let reason = e.to_string();
                         bb8::ErrorSink::sink(&self.sink, e);
-                        self.check_in(tenant, None);
                         return Err(Retry::Fail(self.unreachable(reason)));
                     }
                 }
@@ -385,6 +391,27 @@ impl TxnPool {
         PoolError::Unreachable {
             pool: self.name.to_string(),
             reason,
+        }
+    }
+}
+
+/// A reserved slot for a connection being opened; released at drop unless disarmed.
+struct OpenSlot<'a> {
+    pool: &'a TxnPool,
+    tenant: &'a str,
+    armed: bool,
+}
+
+impl OpenSlot<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for OpenSlot<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.check_in(self.tenant, None);
         }
     }
 }

@@ -35,7 +35,7 @@ use crate::pool::{PoolError, TxnLease, TxnPool};
 use crate::protocol::messages;
 
 use super::audit_tap::{AuditGate, FilterChain};
-use super::registry::SessionHandle;
+use super::registry::{SessionHandle, SessionState};
 use super::relay::{self, Attach, Relay, RelayEnd};
 use super::{end_label, filter, lifetime, m_ended, m_refused, totals, ClientConn, SessionAudit};
 use crate::audit::EventKind;
@@ -282,6 +282,7 @@ impl Loop<'_> {
             if let Err(end) = waiter.next_request(self.conn, live).await {
                 return Ok(end);
             }
+            live.set_state(SessionState::Waiting);
             let lease = self.pool.checkout(self.tenant).await?;
             self.wait_seconds.record(lease.waited.as_secs_f64());
             let (end, lease) = self.attach(lease).await;
@@ -344,6 +345,11 @@ impl Loop<'_> {
         let idle = relay.cycle.idle();
         self.cycle = Some(relay.cycle);
         self.stats = relay.stats;
+        if matches!(end, RelayEnd::Killed(_)) && !idle {
+            // As in session mode: a killed session's query in flight is cancelled before
+            // its connection is destroyed.
+            self.shared.cancels.cancel(self.key, None).await;
+        }
         self.shared.cancels.set_target(self.key, None);
         for change in self.features.take_changes() {
             self.settings.apply(change);
