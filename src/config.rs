@@ -612,6 +612,7 @@ impl Config {
             if up.pool_size == 0 {
                 return invalid(format!("upstreams.{name}.pool_size must be at least 1"));
             }
+            validate_pool_mode(name, up).map_err(ConfigError::Invalid)?;
             if up.context == ContextMode::Signed
                 && (up.kind != UpstreamKind::Shared || up.signed_context.is_none())
             {
@@ -619,7 +620,6 @@ impl Config {
                     "upstreams.{name}: context = \"signed\" needs kind = \"shared\" and a [upstreams.{name}.signed_context] table"
                 ));
             }
-            validate_pool_mode(name, up).map_err(ConfigError::Invalid)?;
             if up.kind == UpstreamKind::Shared && !valid_setting_name(&up.tenant_setting) {
                 return invalid(format!(
                     "upstreams.{name}.tenant_setting must look like \"prefix.name\" (a custom placeholder setting)"
@@ -843,5 +843,30 @@ acme = "acme"
         assert!(valid_setting_name("app.current_tenant_id"));
         assert!(!valid_setting_name("search_path"));
         assert!(!valid_setting_name("app.x'; drop"));
+    }
+
+    #[test]
+    fn transaction_pooling_settings_are_validated() {
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        let shared = cfg.upstreams.get_mut("shared").unwrap();
+        assert_eq!(shared.pool_mode, PoolMode::Session);
+        assert_eq!(shared.session_features, SessionFeatures::Pin);
+        assert_eq!(shared.tenant_cap(), shared.pool_size, "no cap by default");
+        shared.pool_mode = PoolMode::Transaction;
+        shared.max_server_connections_per_tenant = Some(shared.pool_size + 1);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("max_server_connections_per_tenant"), "{err}");
+        let shared = cfg.upstreams.get_mut("shared").unwrap();
+        shared.max_server_connections_per_tenant = Some(1);
+        cfg.validate().unwrap();
+        let shared = cfg.upstreams.get_mut("shared").unwrap();
+        shared.context = ContextMode::Signed;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("cannot be combined"), "{err}");
+        let parsed: UpstreamConfig = toml::from_str(
+            "kind = \"shared\"\nurl = \"postgres://u:p@h/db\"\npool_mode = \"transaction\"\nsession_features = \"refuse\"",
+        )
+        .unwrap();
+        assert_eq!(parsed.session_features, SessionFeatures::Refuse);
     }
 }

@@ -368,3 +368,23 @@ async fn pgbench_runs_clean_in_transaction_mode() {
     );
     assert!(text.contains("number of failed transactions: 0"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_the_backend_of_the_running_transaction() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let client = common::connect(proxy.addr, "medcorp").await;
+    let cancel = client.cancel_token();
+    let sleeper =
+        tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await.map(drop) });
+    // A cancel before the query is attached finds no target and does nothing: send until
+    // one lands.
+    while !sleeper.is_finished() {
+        cancel
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel sent");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = sleeper.await.expect("task").expect_err("cancelled");
+    assert_eq!(common::sqlstate(&e), "57014");
+}

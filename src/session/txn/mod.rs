@@ -163,24 +163,15 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
     let result = ctx.serve(first).await;
     shared.cancels.remove(key);
     open.decrement(1.0);
-    let stats = ctx.stats;
-    metrics::counter!(m::CLIENT_BYTES_TOTAL, "upstream" => upstream.to_string())
-        .increment(stats.client_bytes);
-    metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
-        .increment(stats.server_bytes);
-    session
-        .entry
-        .live
-        .publish(stats.queries, stats.client_bytes, stats.server_bytes);
-    let label = match &result {
-        Ok(end) => end_label(end),
-        Err(e) => e.label(),
-    };
-    m_ended(label);
-    if let Some(a) = audit {
-        a.session_end(totals(started_relay, stats), label);
-    }
-    info!(tenant = %identity.tenant, upstream = %upstream, queries = stats.queries, end = label, "session ended");
+    let label = record_end(
+        &session,
+        audit,
+        &upstream,
+        ctx.stats,
+        started_relay,
+        &result,
+    );
+    info!(tenant = %identity.tenant, upstream = %upstream, queries = ctx.stats.queries, end = label, "session ended");
     drop(session);
     match result? {
         RelayEnd::ClientViolation(e) => Err(e),
@@ -190,6 +181,34 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         RelayEnd::ServerClosed => Err(ClientError::ServerLost),
         RelayEnd::Terminated | RelayEnd::ClientClosed | RelayEnd::Detached => Ok(()),
     }
+}
+
+/// Byte counters, live stats, the end metric and the audit event; returns the end label.
+fn record_end(
+    session: &SessionHandle,
+    audit: Option<&SessionAudit>,
+    upstream: &str,
+    stats: relay::RelayStats,
+    started: Instant,
+    result: &Result<RelayEnd, ClientError>,
+) -> &'static str {
+    metrics::counter!(m::CLIENT_BYTES_TOTAL, "upstream" => upstream.to_string())
+        .increment(stats.client_bytes);
+    metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
+        .increment(stats.server_bytes);
+    session
+        .entry
+        .live
+        .publish(stats.queries, stats.client_bytes, stats.server_bytes);
+    let label = match result {
+        Ok(end) => end_label(end),
+        Err(e) => e.label(),
+    };
+    m_ended(label);
+    if let Some(a) = audit {
+        a.session_end(totals(started, stats), label);
+    }
+    label
 }
 
 /// The session's first connection, with its settings applied in a round trip (so a bad
