@@ -388,3 +388,94 @@ async fn cancel_reaches_the_backend_of_the_running_transaction() {
     let e = sleeper.await.expect("task").expect_err("cancelled");
     assert_eq!(common::sqlstate(&e), "57014");
 }
+
+/// `(column, value)` pairs of every row of a console command.
+async fn console_rows(admin: &Client, sql: &str) -> Vec<Vec<(String, String)>> {
+    let messages = admin.simple_query(sql).await.expect(sql);
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has(row: &[(String, String)], name: &str, value: &str) -> bool {
+    row.iter().any(|(k, v)| k == name && v == value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pause_kill_and_show_pools_work_in_transaction_mode() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let admin_token = common::token_with(
+        "ops",
+        "admin@ops.example",
+        3600,
+        &[("pgtenant_admin".into(), serde_json::json!(true))],
+    );
+    let mut cfg = common::conn_config(proxy.addr, &admin_token);
+    cfg.dbname("pgtenant");
+    let (admin, conn) = cfg.connect(tokio_postgres::NoTls).await.expect("console");
+    tokio::spawn(conn);
+    let token = common::token("medcorp", "m");
+    let (m, m_conn) = common::conn_config(proxy.addr, &token)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("medcorp");
+    let m_task = tokio::spawn(m_conn);
+    let g = common::connect(proxy.addr, "globex").await;
+    assert_eq!(simple_value(&g, "SELECT 1").await, "1");
+    // Two idle sessions, no server connection in use: they hold none between transactions.
+    let pools = console_rows(&admin, "SHOW POOLS").await;
+    let shared = pools
+        .iter()
+        .find(|r| has(r, "upstream", "shared"))
+        .unwrap_or_else(|| panic!("{pools:?}"));
+    for (column, value) in [("pool_size", "2"), ("in_use", "0"), ("sessions", "2")] {
+        assert!(has(shared, column, value), "{column}: {shared:?}");
+    }
+    admin.simple_query("PAUSE medcorp").await.expect("pause");
+    let held = tokio::spawn(async move {
+        let v = simple_value(&m, "SELECT 42").await;
+        (v, m)
+    });
+    // The detached session holds its request (and no server connection) while paused.
+    let mut waiting = false;
+    for _ in 0..300 {
+        let clients = console_rows(&admin, "SHOW CLIENTS").await;
+        waiting = clients
+            .iter()
+            .any(|r| has(r, "tenant", "medcorp") && has(r, "state", "waiting"));
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(waiting, "the paused request waits");
+    assert!(!held.is_finished());
+    assert_eq!(
+        simple_value(&g, "SELECT 1").await,
+        "1",
+        "globex is not paused"
+    );
+    admin.simple_query("RESUME medcorp").await.expect("resume");
+    let (value, m) = held.await.expect("task");
+    assert_eq!(value, "42");
+
+    // KILL ends a detached (idle) session at once.
+    admin
+        .simple_query("KILL TENANT medcorp")
+        .await
+        .expect("kill");
+    let ended = m_task.await.expect("task").expect_err("killed");
+    assert_eq!(common::sqlstate(&ended), "57P01");
+    drop(m);
+    assert_eq!(simple_value(&g, "SELECT 2").await, "2");
+}
