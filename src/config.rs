@@ -411,6 +411,50 @@ pub struct UpstreamConfig {
     /// With `[audit] sink = "tenant"`: this dedicated upstream's events go to this database
     /// (an insert-only role), not to the central audit database.
     pub audit_url: Option<String>,
+    /// `session` (default): one server connection per client session. `transaction`: a
+    /// server connection per transaction, returned at ReadyForQuery idle (README
+    /// "Transaction pooling"). Not reloadable for an existing pool (a change builds a new one).
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Transaction mode: the most server connections one tenant may hold at once. Default
+    /// (unset) = `pool_size`, i.e. no per-tenant cap. Must be 1..=pool_size.
+    pub max_server_connections_per_tenant: Option<u32>,
+    /// Transaction mode: what a session-only feature (session SET of other parameters,
+    /// LISTEN, session advisory locks, WITH HOLD cursors, SQL PREPARE, temp tables) does.
+    /// Default `pin`.
+    #[serde(default)]
+    pub session_features: SessionFeatures,
+}
+
+/// How server connections are shared between client sessions.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A client keeps one server connection for its whole session.
+    #[default]
+    Session,
+    /// A client holds a server connection only during a transaction.
+    Transaction,
+}
+
+/// Transaction mode: the answer to a statement that needs session state on the server.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionFeatures {
+    /// The client keeps its current server connection until it ends (metric with a reason).
+    #[default]
+    Pin,
+    /// The statement is refused with 0A000 naming the feature; the session goes on.
+    Refuse,
+}
+
+impl UpstreamConfig {
+    /// The per-tenant cap of a transaction-mode pool (`pool_size` when unset).
+    pub fn tenant_cap(&self) -> u32 {
+        self.max_server_connections_per_tenant
+            .unwrap_or(self.pool_size)
+            .min(self.pool_size)
+    }
 }
 
 fn yes() -> bool {
@@ -571,6 +615,7 @@ impl Config {
             if up.pool_size == 0 {
                 return invalid(format!("upstreams.{name}.pool_size must be at least 1"));
             }
+            validate_pool_mode(name, up).map_err(ConfigError::Invalid)?;
             if up.context == ContextMode::Signed
                 && (up.kind != UpstreamKind::Shared || up.signed_context.is_none())
             {
@@ -680,6 +725,27 @@ pub fn expand_env(text: &str) -> Result<String, ConfigError> {
     Ok(out)
 }
 
+/// Transaction-mode settings of one upstream.
+fn validate_pool_mode(name: &str, up: &UpstreamConfig) -> Result<(), String> {
+    if let Some(cap) = up.max_server_connections_per_tenant {
+        if cap == 0 || cap > up.pool_size {
+            return Err(format!(
+                "upstreams.{name}.max_server_connections_per_tenant must be between 1 and pool_size ({})",
+                up.pool_size
+            ));
+        }
+    }
+    if up.pool_mode == PoolMode::Transaction && up.context == ContextMode::Signed {
+        // The signed context is entered with a round trip per server connection and bound to
+        // one backend; per-transaction attach would need it per transaction. Refused rather
+        // than half-supported.
+        return Err(format!(
+            "upstreams.{name}: pool_mode = \"transaction\" cannot be combined with context = \"signed\" (use session pooling for signed contexts)"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,5 +846,30 @@ acme = "acme"
         assert!(valid_setting_name("app.current_tenant_id"));
         assert!(!valid_setting_name("search_path"));
         assert!(!valid_setting_name("app.x'; drop"));
+    }
+
+    #[test]
+    fn transaction_pooling_settings_are_validated() {
+        let mut cfg = Config::parse(SAMPLE).unwrap();
+        let shared = cfg.upstreams.get_mut("shared").unwrap();
+        assert_eq!(shared.pool_mode, PoolMode::Session);
+        assert_eq!(shared.session_features, SessionFeatures::Pin);
+        assert_eq!(shared.tenant_cap(), shared.pool_size, "no cap by default");
+        shared.pool_mode = PoolMode::Transaction;
+        shared.max_server_connections_per_tenant = Some(shared.pool_size + 1);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("max_server_connections_per_tenant"), "{err}");
+        let shared = cfg.upstreams.get_mut("shared").unwrap();
+        shared.max_server_connections_per_tenant = Some(1);
+        cfg.validate().unwrap();
+        let shared = cfg.upstreams.get_mut("shared").unwrap();
+        shared.context = ContextMode::Signed;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("cannot be combined"), "{err}");
+        let parsed: UpstreamConfig = toml::from_str(
+            "kind = \"shared\"\nurl = \"postgres://u:p@h/db\"\npool_mode = \"transaction\"\nsession_features = \"refuse\"",
+        )
+        .unwrap();
+        assert_eq!(parsed.session_features, SessionFeatures::Refuse);
     }
 }

@@ -10,6 +10,10 @@ use crate::protocol::frame::{FrameError, ReadFrameError};
 use crate::protocol::messages::Severity;
 use crate::tenant::{DirectoryError, ResolveError, RouteError};
 
+/// SQLSTATE of a statement refused in transaction mode because it needs session state on the
+/// server (`session_features = "refuse"`): feature_not_supported.
+pub const SESSION_FEATURE_REFUSED: &str = "0A000";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{0}")]
@@ -109,6 +113,7 @@ impl ClientError {
                 SqlState::INVALID_AUTHORIZATION_SPECIFICATION
             }
             ClientError::Pool(PoolError::Exhausted { .. }) => SqlState::TOO_MANY_CONNECTIONS,
+            ClientError::Pool(PoolError::TenantExhausted { .. }) => SqlState::TOO_MANY_CONNECTIONS,
             ClientError::Pool(PoolError::Unreachable { .. }) => {
                 SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
             }
@@ -178,6 +183,7 @@ impl ClientError {
             ClientError::Auth(e) => e.reason(),
             ClientError::Route(_) => "unknown_tenant",
             ClientError::Pool(PoolError::Exhausted { .. }) => "pool_exhausted",
+            ClientError::Pool(PoolError::TenantExhausted { .. }) => "tenant_pool_exhausted",
             ClientError::Pool(PoolError::Unreachable { .. }) => "upstream_unreachable",
             ClientError::Pool(PoolError::UnknownUpstream(_)) => "unknown_upstream",
             ClientError::Pool(PoolError::Setup { .. }) => "server_setup",

@@ -25,6 +25,16 @@ pub const POOL_IN_USE: &str = "pgtenant_pool_in_use_connections";
 pub const POOL_IDLE: &str = "pgtenant_pool_idle_connections";
 pub const POOL_WAITING: &str = "pgtenant_pool_waiting_clients";
 pub const POOL_CHECKOUT_SECONDS: &str = "pgtenant_pool_checkout_seconds";
+/// Transaction mode: time a transaction waited for a server connection (by upstream, tenant).
+pub const POOL_WAIT_SECONDS: &str = "pgtenant_pool_wait_seconds";
+/// Transaction mode: idle connections of one tenant reset (DISCARD ALL) for another.
+pub const POOL_TENANT_SWITCHES_TOTAL: &str = "pgtenant_pool_tenant_switches_total";
+/// Transaction mode: checkouts served by an idle connection already carrying the tenant.
+pub const POOL_AFFINITY_HITS_TOTAL: &str = "pgtenant_pool_affinity_hits_total";
+/// Transaction mode: sessions pinned to one server connection by a session-only feature.
+pub const PINNED_SESSIONS_TOTAL: &str = "pgtenant_pinned_sessions_total";
+/// Transaction mode: statements refused because they need session state (`session_features = "refuse"`).
+pub const SESSION_FEATURES_REFUSED_TOTAL: &str = "pgtenant_session_features_refused_total";
 pub const SERVER_RESETS_TOTAL: &str = "pgtenant_server_resets_total";
 pub const UPSTREAM_CONNECT_ERRORS: &str = "pgtenant_upstream_connect_errors_total";
 pub const CANCEL_REQUESTS: &str = "pgtenant_cancel_requests_total";
@@ -330,6 +340,33 @@ fn describe() {
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs."
+    );
+    describe_txn_pool();
+}
+
+/// The transaction-mode pool's metrics.
+fn describe_txn_pool() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_histogram!(
+        POOL_WAIT_SECONDS,
+        Unit::Seconds,
+        "Transaction mode: time from a client's request to a server connection being ready for it (queue wait, connect or switch), by upstream and tenant."
+    );
+    describe_counter!(
+        POOL_TENANT_SWITCHES_TOTAL,
+        "Transaction mode: idle server connections reset with DISCARD ALL to serve another tenant, by upstream."
+    );
+    describe_counter!(
+        POOL_AFFINITY_HITS_TOTAL,
+        "Transaction mode: checkouts served by an idle server connection already carrying the tenant's context, by upstream."
+    );
+    describe_counter!(
+        PINNED_SESSIONS_TOTAL,
+        "Transaction mode: sessions pinned to their server connection until they end, by upstream and reason (the session-only feature)."
+    );
+    describe_counter!(
+        SESSION_FEATURES_REFUSED_TOTAL,
+        "Transaction mode with session_features = \"refuse\": statements refused (0A000), by upstream and feature."
     );
 }
 

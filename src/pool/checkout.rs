@@ -13,7 +13,7 @@ use super::manager::{ConnectErrorSink, Health, ServerConnManager};
 use super::server_conn::ServerError;
 use super::target::UpstreamTarget;
 use super::tls::ServerTls;
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, PoolMode, UpstreamConfig};
 
 /// A checked-out server connection. Dropping it checks the connection back in
 /// synchronously: run [`super::ServerConn::reset`] first (or set `broken`).
@@ -35,6 +35,15 @@ pub enum PoolError {
     /// `reason` never contains the upstream password.
     #[error("upstream \"{pool}\" is unreachable: {reason}")]
     Unreachable { pool: String, reason: String },
+    /// Transaction mode: the tenant waited `checkout_timeout` in the fair queue.
+    #[error("tenant \"{tenant}\" has no free server connection in pool \"{pool}\" after waiting {waited_ms} ms ({held} of its max_server_connections_per_tenant = {cap} in use)")]
+    TenantExhausted {
+        pool: String,
+        tenant: String,
+        waited_ms: u64,
+        held: u32,
+        cap: u32,
+    },
     #[error("unknown upstream \"{0}\"")]
     UnknownUpstream(String),
     /// The server rejected the session settings on a healthy connection (`source` is
@@ -84,6 +93,9 @@ struct UpstreamPool {
     setup_timeout: Duration,
     waiters: AtomicU64,
     size: u32,
+    /// `pool_mode = "transaction"`: this pool lends connections per transaction instead
+    /// (the bb8 pool then stays empty: it connects lazily).
+    txn: Option<Arc<super::TxnPool>>,
 }
 
 impl Pools {
@@ -207,6 +219,9 @@ impl Pools {
             .pools
             .values()
             .map(|p| {
+                if let Some(txn) = &p.txn {
+                    return txn.stats();
+                }
                 let state = p.pool.state();
                 PoolStats {
                     name: p.name.clone(),
@@ -219,6 +234,11 @@ impl Pools {
             .collect();
         stats.sort_by(|a, b| a.name.cmp(&b.name));
         stats
+    }
+
+    /// The transaction-mode pool of `upstream`, when it has `pool_mode = "transaction"`.
+    pub fn txn(&self, upstream: &str) -> Option<&Arc<super::TxnPool>> {
+        self.pools.get(upstream).and_then(|p| p.txn.as_ref())
     }
 
     pub fn target(&self, upstream: &str) -> Option<&UpstreamTarget> {
@@ -244,6 +264,9 @@ fn same_pool_settings(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
         && a.idle_timeout == b.idle_timeout
         && a.tls == b.tls
         && a.tls_ca_file == b.tls_ca_file
+        && a.pool_mode == b.pool_mode
+        && a.max_server_connections_per_tenant == b.max_server_connections_per_tenant
+        && a.session_features == b.session_features
 }
 
 impl UpstreamPool {
@@ -271,6 +294,15 @@ impl UpstreamPool {
         let target = Arc::new(target);
         let tls = ServerTls::from_config(up)?;
         let health = Arc::new(Health::new());
+        let txn = (up.pool_mode == PoolMode::Transaction).then(|| {
+            Arc::new(super::TxnPool::build(
+                name.clone(),
+                up,
+                target.clone(),
+                tls.clone(),
+                health.clone(),
+            ))
+        });
         let manager = ServerConnManager::new(
             name.clone(),
             target.clone(),
@@ -298,6 +330,7 @@ impl UpstreamPool {
             setup_timeout: up.connect_timeout,
             waiters: AtomicU64::new(0),
             size: up.pool_size,
+            txn,
         })
     }
 

@@ -99,7 +99,7 @@ impl Health {
     }
 
     /// Clears the failure (waking watchers only if there was one).
-    fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         self.last_failure.send_if_modified(|f| f.take().is_some());
     }
 

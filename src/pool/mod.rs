@@ -9,6 +9,8 @@
 //! - `manager`: the bb8 `ManageConnection` and the connect-failure record
 //! - `checkout`: `Pools`: checkout with fail-fast, `checkout_ready`, stats
 //! - `wire`: pure frame/message helpers
+//! - `txn_pool`: `TxnPool` (`pool_mode = "transaction"`): per-transaction leases with
+//!   tenant affinity, a per-tenant cap and fair waiting
 //!
 //! A session's life with a server connection:
 //! ```text
@@ -23,6 +25,7 @@ mod manager;
 mod server_conn;
 mod target;
 mod tls;
+pub mod txn_pool;
 pub(crate) mod wire;
 
 pub use checkout::{
@@ -33,6 +36,7 @@ pub use server_conn::{ServerConn, ServerError, APPLICATION_NAME, RESET_TIMEOUT};
 pub use target::UpstreamTarget;
 pub(crate) use tls::encrypt_only_client_config;
 pub use tls::{ServerStream, ServerTls};
+pub use txn_pool::{Acquired, Settings, TxnLease, TxnPool};
 
 #[cfg(test)]
 mod tests;

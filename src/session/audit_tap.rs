@@ -196,6 +196,9 @@ impl ClientFilter for FilterChain<'_> {
     fn check_execution(&self) -> Option<Refusal> {
         self.filters.iter().find_map(|f| f.check_execution())
     }
+    fn check_parse(&self, name: &[u8], sql: &str) -> Option<Refusal> {
+        self.filters.iter().find_map(|f| f.check_parse(name, sql))
+    }
 }
 
 #[cfg(test)]

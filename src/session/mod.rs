@@ -8,6 +8,7 @@ mod handshake;
 mod lifetime;
 pub mod registry;
 pub mod relay;
+mod txn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -207,6 +208,26 @@ async fn run_session(
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
 
+    // Transaction mode: a server connection per transaction (session/txn).
+    if let Some(pool) = pools.txn(&upstream) {
+        let tenant_pair = match (route.kind, route.tenant_setting.as_deref()) {
+            (UpstreamKind::Shared, Some(setting)) => Some((setting, identity.tenant.as_str())),
+            _ => None,
+        };
+        let skip = usize::from(tenant_pair.is_some());
+        return txn::run(txn::Start {
+            conn,
+            identity,
+            shared,
+            rt,
+            audit,
+            session,
+            upstream: upstream.clone(),
+            pool: pool.clone(),
+            settings: txn::ClientSettings::new(tenant_pair, &settings[skip..]),
+        })
+        .await;
+    }
     let started = Instant::now();
     let mut server = match pools.checkout_ready(&upstream, &settings).await {
         Ok(server) => server,
@@ -377,7 +398,7 @@ async fn run_session(
         RelayEnd::Killed(reason) => Err(ClientError::Killed(reason.to_string())),
         RelayEnd::Expired(why) => Err(why.error()),
         RelayEnd::ServerClosed => Err(ClientError::ServerLost),
-        RelayEnd::Terminated | RelayEnd::ClientClosed => Ok(()),
+        RelayEnd::Terminated | RelayEnd::ClientClosed | RelayEnd::Detached => Ok(()),
     }
 }
 
@@ -400,6 +421,7 @@ fn end_label(end: &RelayEnd) -> &'static str {
         RelayEnd::Shutdown => "shutdown",
         RelayEnd::Killed(_) => "killed",
         RelayEnd::Expired(why) => why.error().label(),
+        RelayEnd::Detached => "detached",
     }
 }
 
@@ -493,6 +515,7 @@ async fn greet_and_relay(
         filter,
         on_statement,
         watches: Some(watches),
+        attach: None,
     };
     let end = relay.run(shared.shutdown.clone()).await;
     Ok(RelayOutcome {

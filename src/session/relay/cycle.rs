@@ -24,6 +24,11 @@ pub trait ClientFilter: Send + Sync {
     fn check_sql(&self, sql: &str) -> Option<Refusal>;
     /// A FunctionCall ('F') message. `Some` refuses it.
     fn check_function_call(&self) -> Option<Refusal>;
+    /// A Parse: its statement name (empty for the unnamed statement) and SQL text. By
+    /// default only the text is checked.
+    fn check_parse(&self, _name: &[u8], sql: &str) -> Option<Refusal> {
+        self.check_sql(sql)
+    }
     /// A Bind or Execute (running a statement prepared earlier). `Some` refuses it, and the
     /// rest of the batch until Sync, as PostgreSQL does after an error.
     fn check_execution(&self) -> Option<Refusal> {
@@ -245,7 +250,9 @@ impl Cycle {
         }
         let refusal = match (tag, filter) {
             (tags::QUERY, Some(f)) => sql_of(body, false).and_then(|sql| f.check_sql(sql)),
-            (tags::PARSE, Some(f)) => sql_of(body, true).and_then(|sql| f.check_sql(sql)),
+            (tags::PARSE, Some(f)) => {
+                parse_of(body).and_then(|(name, sql)| f.check_parse(name, sql))
+            }
             (tags::FUNCTION_CALL, Some(f)) => f.check_function_call(),
             (tags::BIND | tags::EXECUTE, Some(f)) => f.check_execution(),
             _ => None,
@@ -311,6 +318,13 @@ impl Cycle {
             }
         }
     }
+}
+
+/// The statement name and SQL text of a Parse body.
+fn parse_of(body: &[u8]) -> Option<(&[u8], &str)> {
+    let mut rest = body;
+    let name = take_cstr(&mut rest)?;
+    Some((name, std::str::from_utf8(take_cstr(&mut rest)?).ok()?))
 }
 
 /// The SQL text of a Query body, or of a Parse body (after the statement name).

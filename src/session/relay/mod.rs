@@ -10,9 +10,11 @@
 
 mod cycle;
 mod server_side;
+pub mod setup;
 pub mod statements;
 
 pub use cycle::{ClientFilter, ClientPlan, Cycle, Refusal};
+pub use setup::SetupAnswer;
 pub use statements::{CompletedStatement, StatementTracker};
 
 use bytes::{Buf, BytesMut};
@@ -53,6 +55,18 @@ pub enum RelayEnd {
     Killed(Arc<str>),
     /// The session's deadline passed and it reached an idle point outside a transaction.
     Expired(Expiry),
+    /// Transaction mode: the server connection reached an idle point outside a transaction
+    /// with nothing in flight and nothing pending from the client; it can be returned.
+    Detached,
+}
+
+/// Transaction mode: one attachment of a server connection to the session.
+pub struct Attach<'a> {
+    /// pgtenant's setup (tenant context, client settings) and what it must answer. The
+    /// bytes go out in the same write as, and before, the client's first frames.
+    pub setup: Option<(BytesMut, SetupAnswer)>,
+    /// True once a session-only feature pinned the session: it keeps the connection.
+    pub pinned: &'a (dyn Fn() -> bool + Send + Sync),
 }
 
 /// What the relay watches for its session besides shutdown: the console's control channel,
@@ -87,6 +101,9 @@ pub struct Relay<'a, C> {
     pub on_statement: Option<&'a (dyn Fn(CompletedStatement) + Send + Sync)>,
     /// The session's control channel, deadline and live stats; `None` for a bare relay.
     pub watches: Option<Watches<'a>>,
+    /// Transaction mode: end with `RelayEnd::Detached` at the next idle point; `None` in
+    /// session mode.
+    pub attach: Option<Attach<'a>>,
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
@@ -103,12 +120,20 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
         let client_buf = &mut *self.client_buf;
         let mut client_scan = FrameScanner::new(self.max_client_frame);
         let mut server_scan = FrameScanner::new(MAX_SERVER_FRAME);
+        let (mut prefix, setup, pinned) = match self.attach.take() {
+            Some(Attach { setup, pinned }) => {
+                let (bytes, answer) = setup.unzip();
+                (bytes, answer, Some(pinned))
+            }
+            None => (None, None, None),
+        };
         let mut server_side = ServerSide {
             buf: server_buf,
             params,
             tx_status,
             scan: &mut server_scan,
             out: BytesMut::new(),
+            setup,
         };
         let mut local = BytesMut::new();
         let mut draining = *shutdown.borrow();
@@ -140,6 +165,20 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             }
             if let (true, true, Some((_, why))) = (at_boundary, expired, deadline) {
                 return RelayEnd::Expired(why);
+            }
+            // Transaction mode: give the connection back between transactions. Not with
+            // client bytes pending (they continue on this connection), not with server
+            // bytes unread or setup answers outstanding (its state would be unknown).
+            if let Some(pinned) = pinned {
+                if at_boundary
+                    && !pending_client_bytes
+                    && client_buf.is_empty()
+                    && server_side.buf.is_empty()
+                    && server_side.setup.is_none()
+                    && !pinned()
+                {
+                    return RelayEnd::Detached;
+                }
             }
             // PAUSE holds the next request at a transaction boundary: at most one read of
             // it is taken in (so SHOW CLIENTS can tell a held request), none is forwarded.
@@ -227,13 +266,28 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                 self.stats.queries += plan.queries;
                 (self.on_queries)(plan.queries);
             }
+            // Transaction mode: the setup goes in the same write as the client's first frames.
+            let joined = prefix.take().map(|mut bytes| {
+                for range in plan.forwarded() {
+                    self.stats.client_bytes += range.len() as u64;
+                    bytes.extend_from_slice(&client_buf[range]);
+                }
+                bytes
+            });
+            let (out, single) = match &joined {
+                Some(bytes) => (&bytes[..], Some(0..bytes.len())),
+                None => (&client_buf[..], None),
+            };
+            let direct = joined.is_none().then(|| plan.forwarded());
             // Write to the server while still draining what it sends back.
-            for range in plan.forwarded() {
-                self.stats.client_bytes += range.len() as u64;
+            for range in single.into_iter().chain(direct.into_iter().flatten()) {
+                if joined.is_none() {
+                    self.stats.client_bytes += range.len() as u64;
+                }
                 let mut off = range.start;
                 while off < range.end {
                     tokio::select! {
-                        written = server_w.write(&client_buf[off..range.end]) => match written {
+                        written = server_w.write(&out[off..range.end]) => match written {
                             Ok(0) | Err(_) => return RelayEnd::ServerClosed,
                             Ok(n) => off += n,
                         },

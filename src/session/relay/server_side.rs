@@ -10,7 +10,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use crate::protocol::frame::{take_cstr, FrameScanner, ScanEvent};
 use crate::protocol::tags;
 
+use super::setup::{SetupAnswer, SetupProgress};
 use super::{Cycle, RelayEnd, RelayStats};
+use crate::error::ClientError;
 
 pub(super) struct ServerSide<'s> {
     pub buf: &'s mut BytesMut,
@@ -19,6 +21,8 @@ pub(super) struct ServerSide<'s> {
     pub scan: &'s mut FrameScanner,
     /// Reused when pgtenant's answers have to be spliced into the server's bytes.
     pub out: BytesMut,
+    /// Transaction mode: answers to pgtenant's setup still expected before the client's.
+    pub setup: Option<SetupAnswer>,
 }
 
 impl ServerSide<'_> {
@@ -33,7 +37,31 @@ impl ServerSide<'_> {
     ) -> Result<(), RelayEnd> {
         match read {
             Ok(0) | Err(_) => Err(RelayEnd::ServerClosed),
-            Ok(_) => self.forward(client_w, cycle, stats).await,
+            Ok(_) => {
+                if !self.setup_done()? {
+                    return Ok(());
+                }
+                self.forward(client_w, cycle, stats).await
+            }
+        }
+    }
+
+    /// Consumes the setup's answers first: nothing reaches the client before the setup is
+    /// known to have succeeded. A failed setup ends the relay (the connection is destroyed).
+    fn setup_done(&mut self) -> Result<bool, RelayEnd> {
+        let Some(setup) = self.setup.as_mut() else {
+            return Ok(true);
+        };
+        let params = &mut *self.params;
+        match setup.consume(self.buf, &mut |k, v| {
+            params.insert(k, v);
+        }) {
+            SetupProgress::Pending => Ok(false),
+            SetupProgress::Done => {
+                self.setup = None;
+                Ok(true)
+            }
+            SetupProgress::Failed(e) => Err(RelayEnd::ClientViolation(ClientError::Context(e))),
         }
     }
 

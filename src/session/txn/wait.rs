@@ -1,0 +1,146 @@
+//! Transaction mode: a detached session waiting for its client's next request, while
+//! obeying shutdown, the console (PAUSE holds the request, KILL ends the session) and the
+//! session deadline. No server connection is held here.
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::protocol::tags;
+use crate::session::lifetime::Expiry;
+use crate::session::registry::{Control, LiveStats, SessionState};
+use crate::session::relay::RelayEnd;
+use crate::session::ClientConn;
+
+/// A request this large starts streaming before it is complete.
+const STREAM_FROM: usize = 8 * 1024;
+/// First read of a detached client: small, so idle clients stay small.
+const IDLE_READ: usize = 1024;
+
+pub(super) struct Waiter {
+    control: Option<watch::Receiver<Control>>,
+    shutdown: watch::Receiver<bool>,
+    deadline: Option<(tokio::time::Instant, Expiry)>,
+    draining: bool,
+    expired: bool,
+    paused: bool,
+}
+
+impl Waiter {
+    pub fn new(
+        control: watch::Receiver<Control>,
+        shutdown: watch::Receiver<bool>,
+        deadline: Option<(tokio::time::Instant, Expiry)>,
+    ) -> Self {
+        let draining = *shutdown.borrow();
+        Waiter {
+            control: Some(control),
+            shutdown,
+            deadline,
+            draining,
+            expired: false,
+            paused: false,
+        }
+    }
+
+    /// Returns once the client's next request is ready to go to a server connection (a
+    /// whole first message, or a large one's start), or how the session ends instead.
+    /// Cancel-safe.
+    pub async fn next_request(
+        &mut self,
+        conn: &mut ClientConn,
+        live: &LiveStats,
+    ) -> Result<(), RelayEnd> {
+        if let Some(c) = self.control.as_mut() {
+            match &*c.borrow_and_update() {
+                Control::Kill(reason) => return Err(RelayEnd::Killed(reason.clone())),
+                Control::Paused => self.paused = true,
+                Control::Run => self.paused = false,
+            }
+        }
+        let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30);
+        let expiry = tokio::time::sleep_until(self.deadline.map_or(far, |(at, _)| at));
+        tokio::pin!(expiry);
+        loop {
+            // Between transactions is where draining and expired sessions end.
+            if self.draining {
+                return Err(RelayEnd::Shutdown);
+            }
+            if let (true, Some((_, why))) = (self.expired, self.deadline) {
+                return Err(RelayEnd::Expired(why));
+            }
+            let buf = &conn.read_buf;
+            if !self.paused && request_ready(buf) {
+                // A Terminate needs no server connection.
+                return match buf.first() {
+                    Some(&tags::TERMINATE) => Err(RelayEnd::Terminated),
+                    _ => Ok(()),
+                };
+            }
+            live.set_state(match (self.paused, buf.is_empty()) {
+                (true, true) => SessionState::Paused,
+                (true, false) => SessionState::Waiting,
+                (false, _) => SessionState::Idle,
+            });
+            if conn.read_buf.capacity() - conn.read_buf.len() < 64 {
+                conn.read_buf.reserve(IDLE_READ);
+            }
+            let hold = self.paused && !conn.read_buf.is_empty();
+            tokio::select! {
+                biased;
+                changed = self.shutdown.changed(), if !self.draining => {
+                    self.draining = changed.is_err() || *self.shutdown.borrow();
+                }
+                changed = changed(self.control.as_mut()) => {
+                    if changed.is_err() {
+                        self.control = None;
+                        continue;
+                    }
+                    if let Some(c) = self.control.as_mut() {
+                        match &*c.borrow_and_update() {
+                            Control::Kill(reason) => return Err(RelayEnd::Killed(reason.clone())),
+                            Control::Paused => self.paused = true,
+                            Control::Run => self.paused = false,
+                        }
+                    }
+                }
+                () = &mut expiry, if self.deadline.is_some() && !self.expired => {
+                    self.expired = true;
+                }
+                read = conn.io.read_buf(&mut conn.read_buf), if !hold => match read {
+                    Ok(0) | Err(_) => return Err(RelayEnd::ClientClosed),
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+}
+
+async fn changed(c: Option<&mut watch::Receiver<Control>>) -> Result<(), watch::error::RecvError> {
+    match c {
+        Some(c) => c.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A whole first message is buffered, or enough of a large one to start streaming it.
+fn request_ready(buf: &BytesMut) -> bool {
+    let Some(len) = buf.get(1..5) else {
+        return false;
+    };
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    buf.len() > len || buf.len() >= STREAM_FROM
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_ready_when_its_first_message_is_whole() {
+        assert!(!request_ready(&BytesMut::from(&b"Q\0\0"[..])));
+        assert!(!request_ready(&BytesMut::from(&b"Q\0\0\0\x09SELE"[..])));
+        assert!(request_ready(&BytesMut::from(&b"Q\0\0\0\x09SELEC"[..])));
+        assert!(request_ready(&BytesMut::from(&b"X\0\0\0\x04"[..])));
+    }
+}

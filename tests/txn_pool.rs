@@ -1,0 +1,481 @@
+//! Transaction pooling (`pool_mode = "transaction"`) against a real PostgreSQL: many
+//! tenants' clients over two server connections never see another tenant's context or
+//! rows; session state pins (or is refused) and never leaks; tracked SETs survive moves;
+//! the per-tenant cap keeps one tenant from starving another; pgbench runs clean.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pgtenant::config::{Config, PoolMode, SessionFeatures};
+use rand::{Rng, SeedableRng};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+const SETTING: &str = "app.current_tenant_id";
+const TENANTS: [&str; 3] = ["medcorp", "globex", "initech"];
+
+fn txn_mode(c: &mut Config, pool_size: u32) {
+    let up = c.upstreams.get_mut("shared").expect("shared upstream");
+    up.pool_mode = PoolMode::Transaction;
+    up.pool_size = pool_size;
+}
+
+/// The first column of the first row of a simple query.
+async fn simple_value(client: &Client, sql: &str) -> String {
+    let rows = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// The context and the RLS-visible tenants, through the extended protocol with the
+/// unnamed statement (no pinning): (setting, distinct tenant_ids seen, rows).
+async fn extended_check(client: &Client) -> (String, Vec<String>, i64) {
+    let rows = client
+        .query_typed(
+            "SELECT current_setting($1), coalesce(array_agg(DISTINCT tenant_id), '{}'), count(*) FROM customers",
+            &[(&SETTING, Type::TEXT)],
+        )
+        .await
+        .expect("extended check");
+    (rows[0].get(0), rows[0].get(1), rows[0].get(2))
+}
+
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default()
+}
+
+async fn simple_check(client: &Client) -> (String, Vec<String>) {
+    let setting = simple_value(client, &format!("SELECT current_setting('{SETTING}')")).await;
+    let seen = simple_value(
+        client,
+        "SELECT coalesce(string_agg(DISTINCT tenant_id, ','), '') FROM customers",
+    )
+    .await;
+    (
+        setting,
+        seen.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tenants_share_two_connections_without_crossing() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let mut tasks = Vec::new();
+    for i in 0..24u64 {
+        let tenant = TENANTS[i as usize % TENANTS.len()];
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(
+            async move { client_run(addr, tenant, i).await },
+        ));
+    }
+    let mut pids = HashSet::new();
+    for t in tasks {
+        pids.extend(t.await.expect("client task"));
+    }
+    assert!(pids.len() <= 2, "pool_size 2, saw backends {pids:?}");
+    assert_eq!(pids.len(), 2, "both server connections were used");
+}
+
+/// One client's randomized mix; every statement checks the context and the visible rows.
+/// Returns the backend pids it ran on.
+async fn client_run(addr: SocketAddr, tenant: &str, seed: u64) -> HashSet<i32> {
+    let client = common::connect(addr, tenant).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut pids = HashSet::new();
+    for step in 0..12 {
+        let check = |setting: &str, seen: &[String]| {
+            assert_eq!(
+                setting, tenant,
+                "client {seed} step {step}: wrong tenant context"
+            );
+            assert_eq!(
+                seen,
+                [tenant.to_string()],
+                "client {seed} step {step}: foreign rows"
+            );
+        };
+        match rng.gen_range(0..3) {
+            0 => {
+                let (setting, seen) = simple_check(&client).await;
+                check(&setting, &seen);
+            }
+            1 => {
+                let (setting, seen, rows) = extended_check(&client).await;
+                check(&setting, &seen);
+                assert!(rows > 0);
+            }
+            _ => {
+                client.batch_execute("BEGIN").await.expect("begin");
+                let (setting, seen, _) = extended_check(&client).await;
+                check(&setting, &seen);
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..5))).await;
+                let (setting, seen) = simple_check(&client).await;
+                check(&setting, &seen);
+                client.batch_execute("COMMIT").await.expect("commit");
+            }
+        }
+        let pid: i32 = simple_value(&client, "SELECT pg_backend_pid()")
+            .await
+            .parse()
+            .unwrap();
+        pids.insert(pid);
+    }
+    pids
+}
+
+/// What a session can see of server-side session state on its connection.
+async fn leftover_state(client: &Client) -> String {
+    simple_value(
+        client,
+        "SELECT concat_ws('|',
+            (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()),
+            (SELECT count(*) FROM pg_listening_channels()),
+            (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
+            (SELECT count(*) FROM pg_cursors),
+            (SELECT count(*) FROM pg_prepared_statements),
+            current_setting('search_path'))",
+    )
+    .await
+}
+
+const CLEAN: &str = "0|0|0|0|0|\"$user\", public";
+
+const FEATURES: [&str; 5] = [
+    "CREATE TEMP TABLE scratch (x int)",
+    "LISTEN chan",
+    "SELECT pg_advisory_lock(42)",
+    "DECLARE held CURSOR WITH HOLD FOR SELECT 1",
+    "PREPARE p AS SELECT 1",
+];
+
+fn allow_listen(c: &mut Config) {
+    c.upstreams
+        .get_mut("shared")
+        .expect("shared")
+        .guard_rules
+        .block_listen = false;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_pins_and_never_leaks_to_another_tenant() {
+    let proxy = common::start_proxy(|c| {
+        txn_mode(c, 2);
+        allow_listen(c);
+    })
+    .await;
+    let admin = proxy.admin_addr.expect("admin");
+    let pinned_before = pinned_count(admin).await;
+
+    let a = common::connect(proxy.addr, "medcorp").await;
+    for sql in FEATURES {
+        a.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    a.batch_execute("SET search_path = pg_temp, public")
+        .await
+        .expect("set");
+    // Pinned: the state stays visible to this client over later transactions.
+    let a_pid = simple_value(&a, "SELECT pg_backend_pid()").await;
+    assert_eq!(leftover_state(&a).await, "1|1|1|1|1|pg_temp, public");
+    assert_eq!(simple_value(&a, "SELECT count(*) FROM scratch").await, "0");
+    assert_eq!(simple_value(&a, "SELECT pg_backend_pid()").await, a_pid);
+    assert!(
+        pinned_count(admin).await >= pinned_before + 1.0,
+        "metric counts the pin"
+    );
+
+    // Another tenant meanwhile, on the other connection: nothing of it.
+    let b = common::connect(proxy.addr, "globex").await;
+    assert_eq!(leftover_state(&b).await, CLEAN);
+    drop(a);
+
+    // After the pinned client left, its connection (reset) serves other tenants. Two
+    // concurrent transactions need both connections, so one of them is a's old backend.
+    let b2 = common::connect(proxy.addr, "initech").await;
+    let mut reused = false;
+    for _ in 0..50 {
+        b.batch_execute("BEGIN").await.expect("begin");
+        b2.batch_execute("BEGIN").await.expect("begin");
+        for c in [&b, &b2] {
+            assert_eq!(leftover_state(c).await, CLEAN);
+            reused |= simple_value(c, "SELECT pg_backend_pid()").await == a_pid;
+        }
+        b.batch_execute("COMMIT").await.expect("commit");
+        b2.batch_execute("COMMIT").await.expect("commit");
+        if reused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reused,
+        "the pinned connection came back to the pool after a reset"
+    );
+}
+
+async fn pinned_count(admin: SocketAddr) -> f64 {
+    let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+    common::serve::metric(&text, "pgtenant_pinned_sessions_total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuse_mode_answers_0a000_and_the_session_goes_on() {
+    let proxy = common::start_proxy(|c| {
+        txn_mode(c, 2);
+        allow_listen(c);
+        c.upstreams
+            .get_mut("shared")
+            .expect("shared")
+            .session_features = SessionFeatures::Refuse;
+    })
+    .await;
+    let client = common::connect(proxy.addr, "medcorp").await;
+    for sql in FEATURES {
+        let e = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(common::sqlstate(&e), "0A000", "{sql}");
+        assert!(message(&e).contains("transaction pooling"), "{e:?}");
+        assert_eq!(simple_value(&client, "SELECT 1").await, "1");
+    }
+    assert_eq!(leftover_state(&client).await, CLEAN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_settings_survive_a_move_and_do_not_leak() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let c = common::connect(proxy.addr, "initech").await;
+    c.batch_execute("SET application_name = 'moved-app'; SET search_path = public, pg_catalog")
+        .await
+        .expect("set");
+    let first_pid = simple_value(&c, "SELECT pg_backend_pid()").await;
+    // Another client of the same tenant takes c's idle connection (affinity) and holds it.
+    let e = common::connect(proxy.addr, "initech").await;
+    e.batch_execute("BEGIN").await.expect("begin");
+    let e_pid = simple_value(&e, "SELECT pg_backend_pid()").await;
+    assert_eq!(
+        e_pid, first_pid,
+        "the same tenant's idle connection is preferred"
+    );
+    let e_app = simple_value(&e, "SELECT current_setting('application_name')").await;
+    assert_ne!(e_app, "moved-app", "c's SET does not reach e");
+    assert_eq!(
+        simple_value(&e, "SELECT current_setting('search_path')").await,
+        "\"$user\", public"
+    );
+    // c moves to the other connection, with its settings.
+    assert_ne!(simple_value(&c, "SELECT pg_backend_pid()").await, first_pid);
+    assert_eq!(
+        simple_value(&c, "SELECT current_setting('application_name')").await,
+        "moved-app"
+    );
+    assert_eq!(
+        simple_value(&c, "SELECT current_setting('search_path')").await,
+        "public, pg_catalog"
+    );
+    e.batch_execute("COMMIT").await.expect("commit");
+    c.batch_execute("RESET application_name")
+        .await
+        .expect("reset");
+    assert_ne!(
+        simple_value(&c, "SELECT current_setting('application_name')").await,
+        "moved-app"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_cap_does_not_starve_another() {
+    let proxy = common::start_proxy(|c| {
+        txn_mode(c, 2);
+        let up = c.upstreams.get_mut("shared").expect("shared");
+        up.max_server_connections_per_tenant = Some(1);
+        up.checkout_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let a1 = common::connect(proxy.addr, "medcorp").await;
+    let a2 = common::connect(proxy.addr, "medcorp").await;
+    let b = common::connect(proxy.addr, "globex").await;
+    a1.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(simple_check(&a1).await.0, "medcorp");
+    // a2 waits for medcorp's only slot while b's transactions run on the other connection.
+    let waiting = tokio::spawn(async move { a2.simple_query("SELECT 1").await.map(drop) });
+    for _ in 0..5 {
+        b.batch_execute("BEGIN").await.expect("b begin");
+        assert_eq!(
+            simple_check(&b).await,
+            ("globex".into(), vec!["globex".into()])
+        );
+        b.batch_execute("COMMIT").await.expect("b commit");
+    }
+    let e = waiting.await.expect("task").expect_err("a2 times out");
+    assert_eq!(common::sqlstate(&e), "53300");
+    assert!(message(&e).contains("tenant \"medcorp\""), "{e:?}");
+    a1.batch_execute("COMMIT").await.expect("a1 commit");
+}
+
+async fn pgbench(addr: SocketAddr, mode: &str, clients: &str) -> String {
+    let env = common::env();
+    let out = tokio::process::Command::new(env.pg.pgbench_path())
+        .args(["-n", "-M", mode, "-c", clients, "-j", "2", "-t", "40"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &addr.port().to_string(),
+            "-U",
+            "app",
+            "saas",
+        ])
+        .env("PGPASSWORD", common::token("initech", "peter"))
+        .output()
+        .await
+        .expect("pgbench runs");
+    let text = format!("{}{}", common::stdout(&out), common::stderr(&out));
+    assert!(out.status.success(), "pgbench -M {mode}: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_clean_in_transaction_mode() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 4)).await;
+    for mode in ["simple", "extended"] {
+        let text = pgbench(proxy.addr, mode, "16").await;
+        assert!(
+            text.contains("number of transactions actually processed: 640/640"),
+            "{text}"
+        );
+        assert!(text.contains("number of failed transactions: 0"), "{text}");
+    }
+    // Named statements pin (until statement renaming lands): as many clients as connections.
+    let text = pgbench(proxy.addr, "prepared", "4").await;
+    assert!(
+        text.contains("number of transactions actually processed: 160/160"),
+        "{text}"
+    );
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_the_backend_of_the_running_transaction() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let client = common::connect(proxy.addr, "medcorp").await;
+    let cancel = client.cancel_token();
+    let sleeper =
+        tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await.map(drop) });
+    // A cancel before the query is attached finds no target and does nothing: send until
+    // one lands.
+    while !sleeper.is_finished() {
+        cancel
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("cancel sent");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = sleeper.await.expect("task").expect_err("cancelled");
+    assert_eq!(common::sqlstate(&e), "57014");
+}
+
+/// `(column, value)` pairs of every row of a console command.
+async fn console_rows(admin: &Client, sql: &str) -> Vec<Vec<(String, String)>> {
+    let messages = admin.simple_query(sql).await.expect(sql);
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has(row: &[(String, String)], name: &str, value: &str) -> bool {
+    row.iter().any(|(k, v)| k == name && v == value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pause_kill_and_show_pools_work_in_transaction_mode() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let admin_token = common::token_with(
+        "ops",
+        "admin@ops.example",
+        3600,
+        &[("pgtenant_admin".into(), serde_json::json!(true))],
+    );
+    let mut cfg = common::conn_config(proxy.addr, &admin_token);
+    cfg.dbname("pgtenant");
+    let (admin, conn) = cfg.connect(tokio_postgres::NoTls).await.expect("console");
+    tokio::spawn(conn);
+    let token = common::token("medcorp", "m");
+    let (m, m_conn) = common::conn_config(proxy.addr, &token)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("medcorp");
+    let m_task = tokio::spawn(m_conn);
+    let g = common::connect(proxy.addr, "globex").await;
+    assert_eq!(simple_value(&g, "SELECT 1").await, "1");
+    // Two idle sessions, no server connection in use: they hold none between transactions.
+    let pools = console_rows(&admin, "SHOW POOLS").await;
+    let shared = pools
+        .iter()
+        .find(|r| has(r, "upstream", "shared"))
+        .unwrap_or_else(|| panic!("{pools:?}"));
+    for (column, value) in [("pool_size", "2"), ("in_use", "0"), ("sessions", "2")] {
+        assert!(has(shared, column, value), "{column}: {shared:?}");
+    }
+    admin.simple_query("PAUSE medcorp").await.expect("pause");
+    let held = tokio::spawn(async move {
+        let v = simple_value(&m, "SELECT 42").await;
+        (v, m)
+    });
+    // The detached session holds its request (and no server connection) while paused.
+    let mut waiting = false;
+    for _ in 0..300 {
+        let clients = console_rows(&admin, "SHOW CLIENTS").await;
+        waiting = clients
+            .iter()
+            .any(|r| has(r, "tenant", "medcorp") && has(r, "state", "waiting"));
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(waiting, "the paused request waits");
+    assert!(!held.is_finished());
+    assert_eq!(
+        simple_value(&g, "SELECT 1").await,
+        "1",
+        "globex is not paused"
+    );
+    admin.simple_query("RESUME medcorp").await.expect("resume");
+    let (value, m) = held.await.expect("task");
+    assert_eq!(value, "42");
+
+    // KILL ends a detached (idle) session at once.
+    admin
+        .simple_query("KILL TENANT medcorp")
+        .await
+        .expect("kill");
+    let ended = m_task.await.expect("task").expect_err("killed");
+    assert_eq!(common::sqlstate(&ended), "57P01");
+    drop(m);
+    assert_eq!(simple_value(&g, "SELECT 2").await, "2");
+}
