@@ -162,6 +162,7 @@ async fn relay_pair(request: usize, response: Vec<u8>) -> DuplexStream {
             filter: None,
             on_statement: None,
             watches: None,
+            attach: None,
         };
         relay.run(shutdown).await;
     });
