@@ -3,6 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
+use crate::protocol::messages::{put_cstr, put_frame};
 use crate::protocol::tags;
 
 const ROW_DESCRIPTION: u8 = b'T';
@@ -91,20 +92,6 @@ pub fn notice(buf: &mut BytesMut, message: &str) {
         put_cstr(b, message);
         b.put_u8(0);
     });
-}
-
-fn put_frame(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(tag);
-    let at = buf.len();
-    buf.put_i32(0);
-    body(buf);
-    let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-fn put_cstr(buf: &mut BytesMut, s: &str) {
-    buf.extend(s.bytes().filter(|b| *b != 0));
-    buf.put_u8(0);
 }
 
 #[cfg(test)]

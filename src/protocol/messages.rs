@@ -6,7 +6,7 @@ use bytes::{BufMut, BytesMut};
 use super::tags;
 
 /// Appends a frame: tag, length placeholder, body written by `body`, then patches the length.
-fn put_frame(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+pub fn put_frame(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf.put_u8(tag);
     let at = buf.len();
     buf.put_i32(0);
@@ -15,7 +15,8 @@ fn put_frame(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-fn put_cstr(buf: &mut BytesMut, s: &str) {
+/// Appends a NUL-terminated string.
+pub fn put_cstr(buf: &mut BytesMut, s: &str) {
     // A NUL inside would end the field early; drop it rather than corrupt the frame.
     buf.extend(s.bytes().filter(|b| *b != 0));
     buf.put_u8(0);
