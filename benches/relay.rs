@@ -148,6 +148,7 @@ async fn relay_pair(request: usize, response: Vec<u8>) -> DuplexStream {
             cancel_addr: addr,
             id: 1,
             upstream: Arc::from("bench"),
+            prepared: None,
         };
         let mut client_buf = BytesMut::with_capacity(16 * 1024);
         let (_keep, shutdown) = tokio::sync::watch::channel(false);

@@ -330,7 +330,10 @@ async fn a_tenant_at_its_cap_does_not_starve_another() {
 async fn pgbench(addr: SocketAddr, mode: &str, clients: &str) -> String {
     let env = common::env();
     let out = tokio::process::Command::new(env.pg.pgbench_path())
-        .args(["-n", "-M", mode, "-c", clients, "-j", "2", "-t", "40"])
+        // `-M prepared` prepares with a synchronous PQprepare that blocks its whole pgbench
+        // thread while it waits for a server connection, and with it the thread's other
+        // clients, which may hold all of them mid-transaction: one thread per client.
+        .args(["-n", "-M", mode, "-c", clients, "-j", clients, "-t", "40"])
         .args([
             "-h",
             "127.0.0.1",
@@ -352,21 +355,25 @@ async fn pgbench(addr: SocketAddr, mode: &str, clients: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_clean_in_transaction_mode() {
     let proxy = common::start_proxy(|c| txn_mode(c, 4)).await;
-    for mode in ["simple", "extended"] {
+    // Named statements are renamed per server connection, not pinned: 16 clients of
+    // `-M prepared` share 4 connections like the others.
+    for mode in ["simple", "extended", "prepared"] {
         let text = pgbench(proxy.addr, mode, "16").await;
         assert!(
             text.contains("number of transactions actually processed: 640/640"),
-            "{text}"
+            "{mode}: {text}"
         );
-        assert!(text.contains("number of failed transactions: 0"), "{text}");
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "{mode}: {text}"
+        );
     }
-    // Named statements pin (until statement renaming lands): as many clients as connections.
-    let text = pgbench(proxy.addr, "prepared", "4").await;
+    let admin = proxy.admin_addr.expect("admin");
+    let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
     assert!(
-        text.contains("number of transactions actually processed: 160/160"),
-        "{text}"
+        common::serve::metric(&text, "pgtenant_prepared_statements_cache_hits_total") > 0.0,
+        "clients of one tenant share server-side statements"
     );
-    assert!(text.contains("number of failed transactions: 0"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,4 +485,219 @@ async fn console_pause_kill_and_show_pools_work_in_transaction_mode() {
     assert_eq!(common::sqlstate(&ended), "57P01");
     drop(m);
     assert_eq!(simple_value(&g, "SELECT 2").await, "2");
+}
+
+// ---- Named prepared statements across server connections (`prepared`, relay wiring) ----
+
+/// A raw-protocol session's answers up to ReadyForQuery: (tags, SQLSTATEs of errors).
+async fn raw_cycle(s: &mut tokio::net::TcpStream, frames: &[Vec<u8>]) -> (String, Vec<String>) {
+    use tokio::io::AsyncWriteExt;
+    s.write_all(&frames.concat()).await.expect("send");
+    let (mut tags, mut codes) = (String::new(), Vec::new());
+    loop {
+        let (tag, body) = common::raw::read_message(s).await.expect("answer");
+        tags.push(tag as char);
+        if tag == b'E' {
+            let code = body
+                .split(|b| *b == 0)
+                .find_map(|f| f.strip_prefix(b"C"))
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .unwrap_or_default();
+            codes.push(code);
+        }
+        if tag == b'Z' {
+            return (tags, codes);
+        }
+    }
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for s in [name, sql] {
+        body.extend_from_slice(s.as_bytes());
+        body.push(0);
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    common::raw::frame(b'P', &body)
+}
+
+/// Bind (no parameters, text results) + Execute of the unnamed portal.
+fn bind_execute(name: &str) -> Vec<Vec<u8>> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut exec = vec![0u8];
+    exec.extend_from_slice(&0u32.to_be_bytes());
+    vec![
+        common::raw::frame(b'B', &body),
+        common::raw::frame(b'E', &exec),
+    ]
+}
+
+fn close_statement(name: &str) -> Vec<u8> {
+    let mut body = vec![b'S'];
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    common::raw::frame(b'C', &body)
+}
+
+fn sync() -> Vec<u8> {
+    common::raw::frame(b'S', &[])
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    common::raw::frame(b'Q', &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_follow_clients_across_connections_per_tenant() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let mut tasks = Vec::new();
+    for i in 0..6usize {
+        let tenant = TENANTS[i % TENANTS.len()];
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(async move {
+            let client = common::connect(addr, tenant).await;
+            // The same text for every tenant (shared server-side per connection) ...
+            let shared = client
+                .prepare_typed(
+                    "SELECT current_setting($1), coalesce(array_agg(DISTINCT tenant_id), '{}'), count(*) FROM customers",
+                    &[Type::TEXT],
+                )
+                .await
+                .expect("prepare shared");
+            // ... and one only this tenant prepares.
+            let own = client
+                .prepare(&format!("SELECT $1::int + 1, '{tenant}'::text"))
+                .await
+                .expect("prepare own");
+            let mut pids = HashSet::new();
+            for step in 0..15i32 {
+                let row = client.query_one(&shared, &[&SETTING]).await.expect("shared");
+                let (setting, seen): (String, Vec<String>) = (row.get(0), row.get(1));
+                assert_eq!(setting, tenant, "client {i} step {step}: context");
+                assert_eq!(seen, [tenant.to_string()], "client {i} step {step}: rows");
+                let row = client.query_one(&own, &[&step]).await.expect("own");
+                assert_eq!(row.get::<_, i32>(0), step + 1);
+                assert_eq!(row.get::<_, String>(1), tenant);
+                if step % 3 == 0 {
+                    // A transaction holding a connection forces others onto the other one.
+                    client.batch_execute("BEGIN").await.expect("begin");
+                    let row = client.query_one(&shared, &[&SETTING]).await.expect("in tx");
+                    assert_eq!(row.get::<_, String>(0), tenant);
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    client.batch_execute("COMMIT").await.expect("commit");
+                }
+                let pid: i32 = simple_value(&client, "SELECT pg_backend_pid()")
+                    .await
+                    .parse()
+                    .unwrap();
+                pids.insert(pid);
+            }
+            pids
+        }));
+    }
+    let mut pids = HashSet::new();
+    for t in tasks {
+        pids.extend(t.await.expect("client task"));
+    }
+    assert_eq!(pids.len(), 2, "statements ran on both connections");
+    let admin = proxy.admin_addr.expect("admin");
+    let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+    assert!(
+        common::serve::metric(&text, "pgtenant_prepared_statements_reparsed_total") > 0.0,
+        "statements were re-prepared on the connection a client moved to"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_cannot_execute_a_statement_prepared_before_a_switch() {
+    // One connection: tenant b's session gets a's backend after a switch (DISCARD ALL).
+    let proxy = common::start_proxy(|c| txn_mode(c, 1)).await;
+    let mut a = common::raw::login(proxy.addr, &common::token("medcorp", "alice")).await;
+    let (tags, codes) = raw_cycle(
+        &mut a,
+        &[parse("secret", "SELECT count(*) FROM customers"), sync()],
+    )
+    .await;
+    assert_eq!((tags.as_str(), codes.len()), ("1Z", 0), "a prepared");
+    let (tags, _) = raw_cycle(&mut a, &[bind_execute("secret").concat(), sync()]).await;
+    assert_eq!(tags, "2DCZ", "a ran its statement");
+    // Divides by zero (an error) unless a's statement is prepared on the backend.
+    let (tags, codes) = raw_cycle(
+        &mut a,
+        &[query(
+            "SELECT 1 / count(*) FROM pg_prepared_statements WHERE name LIKE 'pgt_%'",
+        )],
+    )
+    .await;
+    assert_eq!(tags, "TDCZ", "a's statement is on the backend: {codes:?}");
+
+    let mut b = common::raw::login(proxy.addr, &common::token("globex", "bob")).await;
+    let (tags, codes) = raw_cycle(&mut b, &[bind_execute("secret").concat(), sync()]).await;
+    assert_eq!(tags, "EZ", "b's Bind of a's name is refused");
+    assert_eq!(codes, ["26000"]);
+    let client_b = common::connect(proxy.addr, "globex").await;
+    assert_eq!(
+        simple_value(&client_b, "SELECT count(*) FROM pg_prepared_statements").await,
+        "0",
+        "nothing of a's is prepared on the switched backend"
+    );
+    drop(client_b);
+    // a's statement still works for a (re-prepared after the switch back).
+    let (tags, codes) = raw_cycle(&mut a, &[bind_execute("secret").concat(), sync()]).await;
+    assert_eq!((tags.as_str(), codes.len()), ("2DCZ", 0), "{codes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_and_deallocate_through_the_proxy() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let mut s = common::raw::login(proxy.addr, &common::token("initech", "peter")).await;
+    let run = |name: &str| [bind_execute(name).concat(), sync()];
+    assert_eq!(
+        raw_cycle(&mut s, &[parse("q", "SELECT 1"), sync()]).await.0,
+        "1Z"
+    );
+    assert_eq!(raw_cycle(&mut s, &run("q")).await.0, "2DCZ");
+    // A duplicate name is refused like PostgreSQL does.
+    let (tags, codes) = raw_cycle(&mut s, &[parse("q", "SELECT 2"), sync()]).await;
+    assert_eq!((tags.as_str(), codes), ("EZ", vec!["42P05".to_string()]));
+    // Close: gone for this client.
+    assert_eq!(
+        raw_cycle(&mut s, &[close_statement("q"), sync()]).await.0,
+        "3Z"
+    );
+    let (tags, codes) = raw_cycle(&mut s, &run("q")).await;
+    assert_eq!((tags.as_str(), codes), ("EZ", vec!["26000".to_string()]));
+    // The name is free again; DEALLOCATE drops it.
+    assert_eq!(
+        raw_cycle(&mut s, &[parse("q", "SELECT 3"), sync()]).await.0,
+        "1Z"
+    );
+    let (tags, codes) = raw_cycle(&mut s, &[query("DEALLOCATE q")]).await;
+    assert_eq!((tags.as_str(), codes.len()), ("CZ", 0));
+    let (tags, codes) = raw_cycle(&mut s, &run("q")).await;
+    assert_eq!((tags.as_str(), codes), ("EZ", vec!["26000".to_string()]));
+    // DEALLOCATE ALL.
+    assert_eq!(
+        raw_cycle(
+            &mut s,
+            &[parse("q1", "SELECT 4"), parse("q2", "SELECT 5"), sync()]
+        )
+        .await
+        .0,
+        "11Z"
+    );
+    assert_eq!(raw_cycle(&mut s, &[query("DEALLOCATE ALL")]).await.0, "CZ");
+    for name in ["q1", "q2"] {
+        let (tags, codes) = raw_cycle(&mut s, &run(name)).await;
+        assert_eq!(
+            (tags.as_str(), codes),
+            ("EZ", vec!["26000".to_string()]),
+            "{name}"
+        );
+    }
 }

@@ -108,6 +108,10 @@ pub struct ServerConn {
     /// Process-unique id, for logs and metrics.
     pub id: u64,
     pub upstream: Arc<str>,
+    /// Transaction mode: the named statements pgtenant prepared on this connection for its
+    /// clients (travels with the connection through the pool; emptied by `reset`). `None`
+    /// until a transaction-mode session first attaches it; never used in session mode.
+    pub prepared: Option<crate::prepared::ServerStatements>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -166,6 +170,7 @@ impl ServerConn {
             cancel_addr,
             id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
             upstream,
+            prepared: None,
         };
         let mut out = BytesMut::new();
         frontend::startup_message(
@@ -383,6 +388,11 @@ impl ServerConn {
     }
 
     async fn reset_steps(&mut self) -> Result<(), ServerError> {
+        // Whatever happens next, no statement pgtenant prepared may be assumed to survive:
+        // a failed reset destroys the connection, a confirmed one dropped them all.
+        if let Some(statements) = self.prepared.as_mut() {
+            statements.clear();
+        }
         if self.tx_status != b'I' {
             self.simple_query("ROLLBACK").await?;
         }

@@ -81,6 +81,9 @@ pub struct Cycle {
     pub tracker: Option<Box<StatementTracker>>,
     /// Records request-to-ReadyForQuery time of every server-answered query when set.
     pub query_seconds: Option<metrics::Histogram>,
+    /// Transaction mode: the frames `prepared::PreparedStatements::rewrite` needs are
+    /// planned whole (see `prepared::wants_whole_client`).
+    pub whole_for_prepared: bool,
 }
 
 /// What to do with a batch of client bytes.
@@ -149,6 +152,7 @@ impl Cycle {
         let discarding = std::cell::Cell::new(self.discarding.is_some());
         let inspect = filter.is_some();
         let tracking = self.tracker.is_some();
+        let prepared = self.whole_for_prepared;
         let now = Instant::now();
         let mut stop_at = None;
         let scanned = scan.scan(
@@ -170,6 +174,7 @@ impl Cycle {
                             tag,
                             tags::QUERY | tags::PARSE | tags::BIND | tags::EXECUTE | tags::CLOSE
                         ))
+                    || (prepared && crate::prepared::wants_whole_client(tag))
             },
             |event| {
                 if stop_at.is_some() {

@@ -9,6 +9,7 @@
 //! keeps draining, so a client that pipelines heavily cannot deadlock the pair.
 
 mod cycle;
+mod prepared_io;
 mod server_side;
 pub mod setup;
 pub mod statements;
@@ -25,11 +26,13 @@ use std::sync::Arc;
 
 use crate::error::ClientError;
 use crate::pool::ServerConn;
+use crate::prepared::PreparedStatements;
 use crate::protocol::frame::FrameScanner;
 
 use super::lifetime::Expiry;
 use super::registry::{Control, LiveStats, SessionState};
 
+use prepared_io::Prep;
 use server_side::ServerSide;
 
 /// Read buffers grow in steps of this many bytes and are reused for the whole session.
@@ -67,6 +70,9 @@ pub struct Attach<'a> {
     pub setup: Option<(BytesMut, SetupAnswer)>,
     /// True once a session-only feature pinned the session: it keeps the connection.
     pub pinned: &'a (dyn Fn() -> bool + Send + Sync),
+    /// The client's named statements; the connection's are `ServerConn::prepared`, which
+    /// must be `Some` then. `None` relays Parse/Bind/... unchanged.
+    pub prepared: Option<&'a mut PreparedStatements>,
 }
 
 /// What the relay watches for its session besides shutdown: the console's control channel,
@@ -113,6 +119,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             read_buf: server_buf,
             params,
             tx_status,
+            prepared: server_prepared,
             ..
         } = &mut *self.server;
         let (mut server_r, mut server_w) = tokio::io::split(stream);
@@ -120,13 +127,25 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
         let client_buf = &mut *self.client_buf;
         let mut client_scan = FrameScanner::new(self.max_client_frame);
         let mut server_scan = FrameScanner::new(MAX_SERVER_FRAME);
-        let (mut prefix, setup, pinned) = match self.attach.take() {
-            Some(Attach { setup, pinned }) => {
+        let (mut prefix, setup, pinned, prep) = match self.attach.take() {
+            Some(Attach {
+                setup,
+                pinned,
+                prepared,
+            }) => {
                 let (bytes, answer) = setup.unzip();
-                (bytes, answer, Some(pinned))
+                let prep = prepared
+                    .zip(server_prepared.as_mut())
+                    .map(|(c, s)| Prep::new(c, s));
+                (bytes, answer, Some(pinned), prep)
             }
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
+        // Transaction mode with statement renaming: the rewritten client bytes (reused),
+        // and client bytes planned but held back until an earlier cycle is answered.
+        let mut rewritten = BytesMut::new();
+        let mut held = BytesMut::new();
+        self.cycle.whole_for_prepared = prep.is_some();
         let mut server_side = ServerSide {
             buf: server_buf,
             params,
@@ -134,6 +153,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             scan: &mut server_scan,
             out: BytesMut::new(),
             setup,
+            prep,
         };
         let mut local = BytesMut::new();
         let mut draining = *shutdown.borrow();
@@ -175,11 +195,50 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     && client_buf.is_empty()
                     && server_side.buf.is_empty()
                     && server_side.setup.is_none()
+                    && held.is_empty()
+                    && server_side.prep.as_ref().is_none_or(|p| p.stmts.idle())
                     && !pinned()
                 {
                     return RelayEnd::Detached;
                 }
             }
+            // Held-back client bytes go on once a ReadyForQuery came (what they waited for
+            // may be answered now); new client bytes wait behind them.
+            if let Some(p) = server_side.prep.as_mut() {
+                if !held.is_empty() && std::mem::take(&mut p.ready_seen) {
+                    rewritten.clear();
+                    let taken = match p.rewrite_planned(&held, &mut rewritten) {
+                        Ok(taken) => taken,
+                        Err(e) => return RelayEnd::ClientViolation(prepared_violation(e)),
+                    };
+                    held.advance(taken);
+                    // Locally answered messages first in line go out before anything the
+                    // server answers to what follows them.
+                    p.stmts.drain_due(&mut local);
+                    if let Err(end) = flush_local(&mut client_w, &mut local).await {
+                        return end;
+                    }
+                    let sent = write_draining(
+                        &rewritten,
+                        &mut server_w,
+                        &mut server_r,
+                        &mut server_side,
+                        &mut client_w,
+                        &mut self.cycle,
+                        &mut self.stats,
+                        self.on_statement,
+                    )
+                    .await;
+                    if let Err(end) = sent {
+                        return end;
+                    }
+                    if let Err(end) = flush_local(&mut client_w, &mut local).await {
+                        return end;
+                    }
+                    continue;
+                }
+            }
+            let blocked = !held.is_empty();
             // PAUSE holds the next request at a transaction boundary: at most one read of
             // it is taken in (so SHOW CLIENTS can tell a held request), none is forwarded.
             let hold = paused && at_boundary;
@@ -199,7 +258,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     self.stats.server_bytes,
                 );
             }
-            if !pending_client_bytes || hold {
+            if !pending_client_bytes || hold || blocked {
                 reserve(client_buf);
                 reserve(server_side.buf);
                 tokio::select! {
@@ -241,7 +300,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                         }
                         continue;
                     }
-                    read = client_r.read_buf(client_buf), if !hold || client_buf.is_empty() => {
+                    read = client_r.read_buf(client_buf), if (!hold || client_buf.is_empty()) && !blocked => {
                         match read {
                             Ok(0) | Err(_) => return RelayEnd::ClientClosed,
                             Ok(_) => {}
@@ -265,6 +324,55 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             if plan.queries > 0 {
                 self.stats.queries += plan.queries;
                 (self.on_queries)(plan.queries);
+            }
+            if let Some(p) = server_side.prep.as_mut() {
+                // Transaction mode with statement renaming: the setup, then the client's
+                // frames as rewritten for this connection, in one write.
+                rewritten.clear();
+                if let Some(bytes) = prefix.take() {
+                    rewritten.extend_from_slice(&bytes);
+                }
+                for range in plan.forwarded() {
+                    self.stats.client_bytes += range.len() as u64;
+                    if !held.is_empty() {
+                        held.extend_from_slice(&client_buf[range]);
+                        continue;
+                    }
+                    let taken = match p.rewrite_planned(&client_buf[range.clone()], &mut rewritten)
+                    {
+                        Ok(taken) => taken,
+                        Err(e) => return RelayEnd::ClientViolation(prepared_violation(e)),
+                    };
+                    held.extend_from_slice(&client_buf[range.start + taken..range.end]);
+                }
+                p.stmts.drain_due(&mut local);
+                if let Err(end) = flush_local(&mut client_w, &mut local).await {
+                    return end;
+                }
+                let sent = write_draining(
+                    &rewritten,
+                    &mut server_w,
+                    &mut server_r,
+                    &mut server_side,
+                    &mut client_w,
+                    &mut self.cycle,
+                    &mut self.stats,
+                    self.on_statement,
+                )
+                .await;
+                if let Err(end) = sent {
+                    return end;
+                }
+                client_buf.advance(plan.consumed);
+                self.cycle
+                    .take_due_locals(*server_side.tx_status, &mut local);
+                if let Err(end) = flush_local(&mut client_w, &mut local).await {
+                    return end;
+                }
+                if plan.terminate {
+                    return RelayEnd::Terminated;
+                }
+                continue;
             }
             // Transaction mode: the setup goes in the same write as the client's first frames.
             let joined = prefix.take().map(|mut bytes| {
@@ -321,6 +429,60 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             }
         }
     }
+}
+
+/// Writes `out` to the server while still relaying what the server sends back (so a
+/// pipelining client cannot deadlock the pair), then flushes.
+#[allow(clippy::too_many_arguments)]
+async fn write_draining<SR, SW, CW>(
+    out: &[u8],
+    server_w: &mut SW,
+    server_r: &mut SR,
+    server_side: &mut ServerSide<'_>,
+    client_w: &mut CW,
+    cycle: &mut Cycle,
+    stats: &mut RelayStats,
+    on_statement: Option<&(dyn Fn(CompletedStatement) + Send + Sync)>,
+) -> Result<(), RelayEnd>
+where
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let mut off = 0;
+    while off < out.len() {
+        tokio::select! {
+            written = server_w.write(&out[off..]) => match written {
+                Ok(0) | Err(_) => return Err(RelayEnd::ServerClosed),
+                Ok(n) => off += n,
+            },
+            read = server_r.read_buf(server_side.buf) => {
+                let forwarded = server_side.on_read(read, client_w, cycle, stats).await;
+                report_statements(cycle, on_statement);
+                forwarded?;
+            }
+        }
+    }
+    server_w.flush().await.map_err(|_| RelayEnd::ServerClosed)
+}
+
+/// Sends pgtenant's own answers that are due (and clears them).
+async fn flush_local<CW: AsyncWrite + Unpin>(
+    client_w: &mut CW,
+    local: &mut BytesMut,
+) -> Result<(), RelayEnd> {
+    if local.is_empty() {
+        return Ok(());
+    }
+    if client_w.write_all(local).await.is_err() || client_w.flush().await.is_err() {
+        return Err(RelayEnd::ClientClosed);
+    }
+    local.clear();
+    Ok(())
+}
+
+fn prepared_violation(e: crate::prepared::PreparedError) -> ClientError {
+    ClientError::Protocol(e.to_string())
 }
 
 /// Hands the statements the server completed to the audit callback.

@@ -10,9 +10,11 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use crate::protocol::frame::{take_cstr, FrameScanner, ScanEvent};
 use crate::protocol::tags;
 
+use super::prepared_io::Prep;
 use super::setup::{SetupAnswer, SetupProgress};
 use super::{Cycle, RelayEnd, RelayStats};
 use crate::error::ClientError;
+use crate::prepared::{self, ServerAction};
 
 pub(super) struct ServerSide<'s> {
     pub buf: &'s mut BytesMut,
@@ -23,6 +25,8 @@ pub(super) struct ServerSide<'s> {
     pub out: BytesMut,
     /// Transaction mode: answers to pgtenant's setup still expected before the client's.
     pub setup: Option<SetupAnswer>,
+    /// Transaction mode: named statements across connections; `None` in session mode.
+    pub prep: Option<Prep<'s>>,
 }
 
 impl ServerSide<'_> {
@@ -75,9 +79,13 @@ impl ServerSide<'_> {
         let params = &mut *self.params;
         let tx_status = &mut *self.tx_status;
         let tracking = cycle.tracker.is_some();
+        let mut prep = self.prep.as_mut();
+        let preparing = prep.is_some();
         let now = std::time::Instant::now();
-        // (offset, bytes) to insert; rare: only around refused statements.
-        let mut splices: Vec<(usize, Bytes)> = Vec::new();
+        // (start, end, bytes): `buf[start..end]` is replaced by `bytes` (an insert when
+        // start == end). Rare: around refused statements and statement renaming.
+        let mut splices: Vec<(usize, usize, Bytes)> = Vec::new();
+        let mut abort = false;
         let n = self
             .scan
             .scan(
@@ -85,6 +93,7 @@ impl ServerSide<'_> {
                 |tag| {
                     tag == tags::READY_FOR_QUERY
                         || tag == tags::PARAMETER_STATUS
+                        || (preparing && prepared::wants_whole_server(tag))
                         || (tracking
                             && matches!(
                                 tag,
@@ -95,9 +104,37 @@ impl ServerSide<'_> {
                             ))
                 },
                 |event| {
-                    let ScanEvent::Whole { tag, at, body } = event else {
-                        return;
+                    let (tag, at, body, whole) = match event {
+                        ScanEvent::Whole { tag, at, body } => (tag, at, body, true),
+                        ScanEvent::Header { tag, at } => (tag, at, &[][..], false),
                     };
+                    let mut forward = true;
+                    if let Some(p) = prep.as_deref_mut() {
+                        let action = p.on_server(tag, body);
+                        if !p.pre.is_empty() {
+                            splices.push((at, at, p.pre.split().freeze()));
+                        }
+                        let end = at + 5 + body.len();
+                        match action {
+                            ServerAction::Forward => {}
+                            // Only whole frames may be dropped or replaced.
+                            ServerAction::Drop if whole => {
+                                splices.push((at, end, Bytes::new()));
+                                forward = false;
+                            }
+                            ServerAction::Replace(bytes) if whole => {
+                                splices.push((at, end, bytes));
+                                forward = false;
+                            }
+                            _ => abort = true,
+                        }
+                        if tag == tags::READY_FOR_QUERY {
+                            p.ready_seen = true;
+                        }
+                    }
+                    if !whole {
+                        return;
+                    }
                     if let Some(tracker) = cycle.tracker.as_mut() {
                         tracker.on_server_frame(tag, body, now);
                     }
@@ -111,18 +148,33 @@ impl ServerSide<'_> {
                     if let Some(status) = body.first() {
                         *tx_status = *status;
                     }
+                    // A ReadyForQuery pgtenant added (dropped here) ends no client cycle.
+                    if !forward {
+                        return;
+                    }
                     if let Some(error) = cycle.on_server_ready(now) {
-                        splices.push((at, error));
+                        splices.push((at, at, error));
                     }
                     let mut due = BytesMut::new();
                     cycle.take_due_locals(*tx_status, &mut due);
                     if !due.is_empty() {
-                        splices.push((at + 6, due.freeze()));
+                        splices.push((at + 6, at + 6, due.freeze()));
                     }
                 },
             )
             .map_err(|_| RelayEnd::ServerClosed)?;
-        if n == 0 {
+        if abort {
+            // The prepared layer lost track of what the server answers (or a hidden cycle
+            // failed): the connection's state is unknown, so it is destroyed.
+            return Err(RelayEnd::ServerClosed);
+        }
+        if let Some(p) = self.prep.as_mut() {
+            p.stmts.drain_due(&mut p.pre);
+            if !p.pre.is_empty() {
+                splices.push((n, n, p.pre.split().freeze()));
+            }
+        }
+        if n == 0 && splices.is_empty() {
             return Ok(());
         }
         stats.server_bytes += n as u64;
@@ -131,10 +183,10 @@ impl ServerSide<'_> {
         } else {
             self.out.clear();
             let mut from = 0;
-            for (at, bytes) in &splices {
-                self.out.extend_from_slice(&self.buf[from..*at]);
+            for (start, end, bytes) in &splices {
+                self.out.extend_from_slice(&self.buf[from..*start]);
                 self.out.extend_from_slice(bytes);
-                from = *at;
+                from = *end;
             }
             self.out.extend_from_slice(&self.buf[from..n]);
             client_w.write_all(&self.out).await

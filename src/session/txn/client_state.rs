@@ -173,11 +173,9 @@ impl<'a> FeatureFilter<'a> {
     }
 
     fn found(&self, feature: Feature) -> Option<Refusal> {
-        // Unparsable text and named statements pin in both modes: pinning is always safe,
-        // and drivers use named statements routinely (until statement renaming lands).
-        if self.mode == SessionFeatures::Pin
-            || matches!(feature, Feature::Unparsed | Feature::NamedStatement)
-        {
+        // Unparsable text pins in both modes: pinning is always safe. (Named statements
+        // never get here: the relay renames them per connection.)
+        if self.mode == SessionFeatures::Pin || feature == Feature::Unparsed {
             self.pin(feature);
             return None;
         }
@@ -209,12 +207,9 @@ impl ClientFilter for FeatureFilter<'_> {
         None
     }
 
-    fn check_parse(&self, name: &[u8], sql: &str) -> Option<Refusal> {
-        // The seam for statement renaming: a named statement lives on one server
-        // connection, so for now it keeps the client there.
-        if !name.is_empty() {
-            self.found(Feature::NamedStatement);
-        }
+    fn check_parse(&self, _name: &[u8], sql: &str) -> Option<Refusal> {
+        // Named statements do not pin: the relay renames them per server connection
+        // (`crate::prepared`). Only the text is checked, as for a simple Query.
         self.check_sql(sql)
     }
 
@@ -268,7 +263,7 @@ mod tests {
     }
 
     #[test]
-    fn refuse_mode_refuses_features_but_pins_named_statements() {
+    fn refuse_mode_refuses_features_and_named_statements_do_not_pin() {
         let f = FeatureFilter::new(SessionFeatures::Refuse, "up");
         let r = f.check_sql("LISTEN x").expect("refused");
         assert_eq!(r.code, "0A000");
@@ -280,7 +275,10 @@ mod tests {
             "a refused text changes nothing"
         );
         assert!(f.check_parse(b"s1", "SELECT 1").is_none());
-        assert!(f.pinned());
+        assert!(
+            !f.pinned(),
+            "named statements are renamed per connection, not pinned"
+        );
         let p = FeatureFilter::new(SessionFeatures::Pin, "up");
         assert!(p.check_sql("SET application_name = 'x'").is_none());
         assert!(!p.pinned());

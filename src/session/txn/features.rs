@@ -23,8 +23,6 @@ pub enum Feature {
     TempTable,
     /// `LOAD`: a library loaded into the backend.
     Load,
-    /// A protocol-level Parse with a statement name (until statement renaming lands).
-    NamedStatement,
     /// Text with a keyword of the above that libpg_query cannot parse: pinned, to be safe.
     Unparsed,
 }
@@ -39,7 +37,6 @@ impl Feature {
             Feature::SqlPrepare => "sql_prepare",
             Feature::TempTable => "temp_table",
             Feature::Load => "load",
-            Feature::NamedStatement => "named_statement",
             Feature::Unparsed => "unparsed",
         }
     }
@@ -54,7 +51,6 @@ impl Feature {
             Feature::SqlPrepare => "SQL PREPARE",
             Feature::TempTable => "a temporary table, view or sequence without ON COMMIT DROP",
             Feature::Load => "LOAD",
-            Feature::NamedStatement => "a named prepared statement",
             Feature::Unparsed => "this statement",
         }
     }

@@ -32,6 +32,7 @@ use crate::cancel::{CancelTarget, ClientKey};
 use crate::error::ClientError;
 use crate::metrics as m;
 use crate::pool::{PoolError, TxnLease, TxnPool};
+use crate::prepared::{Counters, PreparedStatements, ServerStatements};
 use crate::protocol::messages;
 
 use super::audit_tap::{AuditGate, FilterChain};
@@ -158,6 +159,9 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         deadline,
         cycle: Some(cycle),
         stats: Default::default(),
+        prepared: PreparedStatements::new(&rt.config.prepared_statements),
+        max_server_statements: rt.config.prepared_statements.max_server_prepared_statements,
+        prepared_metrics: PreparedMetrics::new(&upstream),
     };
     let started_relay = Instant::now();
     let result = ctx.serve(first).await;
@@ -273,6 +277,40 @@ struct Loop<'a> {
     /// Kept across attachments (pending answers, the statement tracker).
     cycle: Option<relay::Cycle>,
     stats: relay::RelayStats,
+    /// The client's named statements (kept across attachments; each connection has its own
+    /// `ServerConn::prepared`).
+    prepared: PreparedStatements,
+    max_server_statements: usize,
+    prepared_metrics: PreparedMetrics,
+}
+
+/// `pgtenant_prepared_statements_*` of this session's upstream.
+struct PreparedMetrics {
+    reparsed: metrics::Counter,
+    evicted: metrics::Counter,
+    hits: metrics::Counter,
+}
+
+impl PreparedMetrics {
+    fn new(upstream: &str) -> Self {
+        PreparedMetrics {
+            reparsed: metrics::counter!(m::PREPARED_REPARSED_TOTAL, "upstream" => upstream.to_string()),
+            evicted: metrics::counter!(m::PREPARED_EVICTED_TOTAL, "upstream" => upstream.to_string()),
+            hits: metrics::counter!(m::PREPARED_CACHE_HITS_TOTAL, "upstream" => upstream.to_string()),
+        }
+    }
+
+    fn emit(&self, c: Counters) {
+        for (counter, n) in [
+            (&self.reparsed, c.reparsed),
+            (&self.evicted, c.evicted),
+            (&self.hits, c.hits),
+        ] {
+            if n > 0 {
+                counter.increment(n);
+            }
+        }
+    }
 }
 
 impl Loop<'_> {
@@ -340,6 +378,12 @@ impl Loop<'_> {
         live.set_server(lease.id, lease.backend_pid);
         let features = self.features;
         let pinned = move || features.pinned();
+        // The connection's statements travel with it through the pool (emptied whenever it
+        // is reset with DISCARD ALL, i.e. on every tenant switch).
+        let max_server = self.max_server_statements;
+        lease
+            .prepared
+            .get_or_insert_with(|| ServerStatements::new(max_server));
         let mut relay = Relay {
             client: &mut self.conn.io,
             client_buf: &mut self.conn.read_buf,
@@ -358,12 +402,16 @@ impl Loop<'_> {
             attach: Some(Attach {
                 setup,
                 pinned: &pinned,
+                prepared: Some(&mut self.prepared),
             }),
         };
         let end = relay.run(self.shared.shutdown.clone()).await;
-        let idle = relay.cycle.idle();
+        let cycle_idle = relay.cycle.idle();
         self.cycle = Some(relay.cycle);
         self.stats = relay.stats;
+        // Owed statement answers mean the connection is mid-request, like a busy cycle.
+        let idle = cycle_idle && self.prepared.idle();
+        self.prepared_metrics.emit(self.prepared.take_counters());
         if matches!(end, RelayEnd::Killed(_)) && !idle {
             // As in session mode: a killed session's query in flight is cancelled before
             // its connection is destroyed.
@@ -396,7 +444,7 @@ impl Loop<'_> {
     /// The session ends while attached: keep a clean connection (a pinned one after DISCARD
     /// ALL), destroy anything doubtful.
     async fn finish(&mut self, mut lease: TxnLease, end: &RelayEnd) {
-        let idle = self.cycle.as_ref().is_some_and(relay::Cycle::idle);
+        let idle = self.cycle.as_ref().is_some_and(relay::Cycle::idle) && self.prepared.idle();
         let reusable = idle
             && !matches!(
                 end,
