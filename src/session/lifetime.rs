@@ -23,6 +23,20 @@ impl Expiry {
     }
 }
 
+/// The instant a session that starts now must end, per `[jwt] session_max_lifetime`.
+pub fn session_deadline(
+    jwt: &crate::config::JwtConfig,
+    expires_at: u64,
+) -> Option<(tokio::time::Instant, Expiry)> {
+    deadline(
+        jwt.session_max_lifetime,
+        expires_at,
+        jwt.leeway_secs,
+        SystemTime::now(),
+    )
+    .map(|(left, why)| (tokio::time::Instant::now() + left, why))
+}
+
 /// How long from `now` the session may run, or `None` without a limit. A token is valid
 /// until `exp + leeway` (as the verifier accepts it), so that is when its session ends.
 pub fn deadline(

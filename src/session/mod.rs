@@ -12,7 +12,7 @@ mod txn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
@@ -258,13 +258,7 @@ async fn run_session(
     }
     let checkout_seconds = started.elapsed().as_secs_f64();
     session.entry.live.set_server(server.id, server.backend_pid);
-    let deadline = lifetime::deadline(
-        rt.config.jwt.session_max_lifetime,
-        identity.expires_at,
-        rt.config.jwt.leeway_secs,
-        SystemTime::now(),
-    )
-    .map(|(left, why)| (tokio::time::Instant::now() + left, why));
+    let deadline = lifetime::session_deadline(&rt.config.jwt, identity.expires_at);
 
     let key = shared.cancels.register();
     shared.cancels.set_target(

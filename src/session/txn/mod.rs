@@ -23,7 +23,7 @@ pub mod features;
 mod wait;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tracing::{info, warn};
@@ -101,13 +101,7 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         a.session_start();
     }
     let key = shared.cancels.register();
-    let deadline = lifetime::deadline(
-        rt.config.jwt.session_max_lifetime,
-        identity.expires_at,
-        rt.config.jwt.leeway_secs,
-        SystemTime::now(),
-    )
-    .map(|(left, why)| (tokio::time::Instant::now() + left, why));
+    let deadline = lifetime::session_deadline(&rt.config.jwt, identity.expires_at);
 
     let features = FeatureFilter::new(pool.session_features(), &upstream);
     let guard_filter = rt.guards.get(&*upstream).map(|guard| filter::GuardFilter {
