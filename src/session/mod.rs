@@ -363,14 +363,7 @@ async fn run_session(
         }
     };
     let stats = outcome.stats;
-    metrics::counter!(m::CLIENT_BYTES_TOTAL, "upstream" => upstream.to_string())
-        .increment(stats.client_bytes);
-    metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
-        .increment(stats.server_bytes);
-    session
-        .entry
-        .live
-        .publish(stats.queries, stats.client_bytes, stats.server_bytes);
+    record_relay_totals(&session, &upstream, stats);
     m_ended(end_label(&outcome.end));
     if let Some(a) = audit {
         a.session_end(totals(started_relay, stats), end_label(&outcome.end));
@@ -574,4 +567,17 @@ async fn leave_signed_context(
 fn is_utf8_name(encoding: &str) -> bool {
     let e = encoding.trim().to_ascii_lowercase().replace(['-', '_'], "");
     e == "utf8" || e == "unicode"
+}
+
+/// A session's relayed bytes into the metrics (added once, at its end) and its final
+/// counters into the registry; shared by session and transaction mode.
+fn record_relay_totals(session: &SessionHandle, upstream: &str, stats: relay::RelayStats) {
+    metrics::counter!(m::CLIENT_BYTES_TOTAL, "upstream" => upstream.to_string())
+        .increment(stats.client_bytes);
+    metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
+        .increment(stats.server_bytes);
+    session
+        .entry
+        .live
+        .publish(stats.queries, stats.client_bytes, stats.server_bytes);
 }

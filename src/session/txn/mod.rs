@@ -190,14 +190,7 @@ fn record_end(
     started: Instant,
     result: &Result<RelayEnd, ClientError>,
 ) -> &'static str {
-    metrics::counter!(m::CLIENT_BYTES_TOTAL, "upstream" => upstream.to_string())
-        .increment(stats.client_bytes);
-    metrics::counter!(m::SERVER_BYTES_TOTAL, "upstream" => upstream.to_string())
-        .increment(stats.server_bytes);
-    session
-        .entry
-        .live
-        .publish(stats.queries, stats.client_bytes, stats.server_bytes);
+    super::record_relay_totals(session, upstream, stats);
     let label = match result {
         Ok(end) => end_label(end),
         Err(e) => e.label(),
