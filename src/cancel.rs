@@ -4,7 +4,7 @@
 //! that replica (`cluster`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -31,9 +31,24 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
+/// Where one client's key points; a session in transaction mode keeps it and repoints it
+/// on every attach without a lookup in the registry's map.
+#[derive(Debug, Default)]
+pub struct CancelSlot(Mutex<Option<CancelTarget>>);
+
+impl CancelSlot {
+    pub fn set(&self, target: Option<CancelTarget>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+
+    fn get(&self) -> Option<CancelTarget> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[derive(Debug)]
 pub struct CancelRegistry {
-    keys: DashMap<ClientKey, Option<CancelTarget>>,
+    keys: DashMap<ClientKey, Arc<CancelSlot>>,
     /// Bounds concurrent outgoing cancels so a cancel storm cannot exhaust sockets.
     in_flight: Arc<Semaphore>,
     /// `[cluster] replica_id`, written into every key (0 without `[cluster]`).
@@ -69,7 +84,7 @@ impl CancelRegistry {
                 secret: rng.gen(),
             };
             if let dashmap::Entry::Vacant(slot) = self.keys.entry(key) {
-                slot.insert(None);
+                slot.insert(Arc::default());
                 return key;
             }
         }
@@ -77,9 +92,17 @@ impl CancelRegistry {
 
     /// Points the client's key at the backend now serving it (`None` between servers).
     pub fn set_target(&self, key: ClientKey, target: Option<CancelTarget>) {
-        if let Some(mut slot) = self.keys.get_mut(&key) {
-            *slot = target;
+        if let Some(slot) = self.keys.get(&key) {
+            slot.set(target);
         }
+    }
+
+    /// The slot of a registered key, to repoint it without a map lookup each time.
+    pub fn slot(&self, key: ClientKey) -> Arc<CancelSlot> {
+        self.keys
+            .get(&key)
+            .map(|slot| slot.clone())
+            .unwrap_or_default()
     }
 
     pub fn remove(&self, key: ClientKey) {
@@ -135,7 +158,7 @@ impl CancelRegistry {
     }
 
     async fn cancel_local(&self, key: ClientKey) -> bool {
-        let Some(target) = self.keys.get(&key).and_then(|t| *t) else {
+        let Some(target) = self.keys.get(&key).and_then(|slot| slot.get()) else {
             metrics::counter!(crate::metrics::CANCEL_REQUESTS, "result" => "unknown_key")
                 .increment(1);
             return false;

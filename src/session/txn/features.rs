@@ -109,12 +109,8 @@ const WORDS: &[&str] = &[
 const LEADING_WORDS: &[&str] = &["set", "reset"];
 
 pub fn inspect(sql: &str) -> Inspection {
-    let lower_hit = |needle: &str| contains_ci(sql, needle);
-    // Session advisory locks are found by name, wherever they appear (a string literal
-    // holding the name pins too: pinning is always safe). `_xact_` variants do not match.
-    let advisory = lower_hit("pg_advisory_lock") || lower_hit("pg_try_advisory_lock");
-    let leading = || LEADING_WORDS.iter().any(|w| leads_statement(sql, w));
-    if !advisory && !WORDS.iter().any(|w| has_word(sql, w)) && !leading() {
+    let Prefilter { advisory, keyword } = prefilter(sql);
+    if !advisory && !keyword {
         return Inspection::default();
     }
     let mut out = Inspection::default();
@@ -253,43 +249,71 @@ fn quote_ident(name: &str, out: &mut String) {
     }
 }
 
-/// ASCII case-insensitive substring test, without allocating.
-fn contains_ci(hay: &str, needle: &str) -> bool {
-    let (h, n) = (hay.as_bytes(), needle.as_bytes());
-    h.len() >= n.len() && h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+/// What the keyword prefilter found in a statement text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Prefilter {
+    /// A session advisory lock function is named (`pg_advisory_lock*`,
+    /// `pg_try_advisory_lock*`), wherever it appears: a string literal holding the name pins
+    /// too (pinning is always safe). `_xact_` variants do not match.
+    advisory: bool,
+    /// A word of `WORDS`, or of `LEADING_WORDS` where a statement may start.
+    keyword: bool,
 }
 
-/// Whether `word` occurs as a whole word (ASCII case-insensitive).
-fn has_word(hay: &str, word: &str) -> bool {
-    word_positions(hay, word).next().is_some()
+/// Names that, inside a word, mean a session advisory lock (lower case).
+const ADVISORY: &[&[u8]] = &[b"pg_advisory_lock", b"pg_try_advisory_lock"];
+
+/// The keyword prefilter in one pass over the text (it runs on every Query and Parse in
+/// transaction mode, so it is on the hot path): the text is split into words (runs of
+/// identifier bytes) and each word is compared, case-insensitively, with the lists.
+/// A word of `LEADING_WORDS` counts where a statement may start: at the beginning or after
+/// `;` (whitespace between), or anywhere once the text holds a comment (a comment may sit
+/// between `;` and the word): never a false "no".
+fn prefilter(sql: &str) -> Prefilter {
+    let h = sql.as_bytes();
+    let commented = h.windows(2).any(|w| w == b"--" || w == b"/*");
+    let mut found = Prefilter {
+        advisory: false,
+        keyword: false,
+    };
+    // The last byte before the current word that is not whitespace.
+    let mut before: Option<u8> = None;
+    let mut i = 0;
+    while i < h.len() {
+        if !is_ident(h[i]) {
+            if !h[i].is_ascii_whitespace() {
+                before = Some(h[i]);
+            }
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < h.len() && is_ident(h[i]) {
+            i += 1;
+        }
+        let word = &h[start..i];
+        let eq = |w: &&str| word.eq_ignore_ascii_case(w.as_bytes());
+        if WORDS.iter().any(eq)
+            || ((commented || before.is_none_or(|b| b == b';')) && LEADING_WORDS.iter().any(eq))
+        {
+            found.keyword = true;
+        }
+        if word.len() >= ADVISORY[0].len()
+            && ADVISORY.iter().any(|name| {
+                word.windows(name.len())
+                    .any(|w| w.eq_ignore_ascii_case(name))
+            })
+        {
+            found.advisory = true;
+        }
+        before = Some(h[i - 1]);
+    }
+    found
 }
 
-/// Whether `word` occurs where a statement may start: at the beginning or after `;`
-/// (whitespace between). With a comment anywhere in the text, any whole-word occurrence
-/// counts (a comment may sit between `;` and the word): never a false "no".
-fn leads_statement(hay: &str, word: &str) -> bool {
-    let h = hay.as_bytes();
-    let commented = contains_ci(hay, "--") || contains_ci(hay, "/*");
-    word_positions(hay, word).any(|i| {
-        commented
-            || h[..i]
-                .iter()
-                .rev()
-                .find(|b| !b.is_ascii_whitespace())
-                .is_none_or(|&b| b == b';')
-    })
-}
-
-/// Start offsets of `word` as a whole word (ASCII case-insensitive).
-fn word_positions<'a>(hay: &'a str, word: &'a str) -> impl Iterator<Item = usize> + 'a {
-    let (h, w) = (hay.as_bytes(), word.as_bytes());
-    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
-    let end = (h.len() + 1).saturating_sub(w.len());
-    (0..end).filter(move |&i| {
-        h[i..i + w.len()].eq_ignore_ascii_case(w)
-            && (i == 0 || !ident(h[i - 1]))
-            && h.get(i + w.len()).is_none_or(|&b| !ident(b))
-    })
+/// A byte that continues an identifier (PostgreSQL also allows `$` and any non-ASCII byte).
+fn is_ident(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
 #[cfg(test)]
@@ -375,21 +399,136 @@ mod tests {
         );
     }
 
+    fn keyword(sql: &str) -> bool {
+        prefilter(sql).keyword
+    }
+
     #[test]
     fn whole_words_only() {
-        assert!(has_word("a SET b", "set"));
-        assert!(has_word("set", "set"));
-        assert!(!has_word("settings", "set"));
-        assert!(!has_word("offset", "set"));
-        assert!(has_word("x;Reset y", "reset"));
-        assert!(leads_statement("  SET x = 1", "set"));
-        assert!(leads_statement("select 1;\n set x = 1", "set"));
-        assert!(!leads_statement("UPDATE t SET x = 1", "set"));
-        assert!(leads_statement(
-            "UPDATE t SET x = 1; /* */ SET y = 2",
-            "set"
-        ));
-        assert!(!leads_statement("", "set"));
-        assert!(!has_word("se", "set"));
+        assert!(keyword("a LISTEN b"));
+        assert!(keyword("listen"));
+        assert!(!keyword("listener"));
+        assert!(!keyword("unlisten_x"));
+        assert!(keyword("x;Reset y"));
+        assert!(keyword("  SET x = 1"));
+        assert!(keyword("select 1;\n set x = 1"));
+        assert!(!keyword("UPDATE t SET x = 1"));
+        assert!(!keyword("SELECT * FROM t OFFSET 1"));
+        assert!(keyword("UPDATE t SET x = 1; /* */ SET y = 2"));
+        assert!(keyword("UPDATE t SET x = 1 -- why"));
+        assert!(!keyword(""));
+        assert!(!keyword("se"));
+        assert!(prefilter("select PG_ADVISORY_LOCK_shared(1)").advisory);
+        assert!(prefilter("select 'x pg_try_advisory_lock'").advisory);
+        assert!(!prefilter("select pg_advisory_xact_lock(1)").advisory);
+    }
+
+    /// The prefilter as it was first written (a scan per word); the one-pass version must
+    /// agree with it on every text.
+    mod reference {
+        use super::super::{LEADING_WORDS, WORDS};
+
+        pub fn prefilter(sql: &str) -> (bool, bool) {
+            let advisory =
+                contains_ci(sql, "pg_advisory_lock") || contains_ci(sql, "pg_try_advisory_lock");
+            let keyword = WORDS.iter().any(|w| has_word(sql, w))
+                || LEADING_WORDS.iter().any(|w| leads_statement(sql, w));
+            (advisory, keyword)
+        }
+
+        fn contains_ci(hay: &str, needle: &str) -> bool {
+            let (h, n) = (hay.as_bytes(), needle.as_bytes());
+            h.len() >= n.len() && h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+        }
+
+        fn has_word(hay: &str, word: &str) -> bool {
+            word_positions(hay, word).next().is_some()
+        }
+
+        fn leads_statement(hay: &str, word: &str) -> bool {
+            let h = hay.as_bytes();
+            let commented = contains_ci(hay, "--") || contains_ci(hay, "/*");
+            word_positions(hay, word).any(|i| {
+                commented
+                    || h[..i]
+                        .iter()
+                        .rev()
+                        .find(|b| !b.is_ascii_whitespace())
+                        .is_none_or(|&b| b == b';')
+            })
+        }
+
+        fn word_positions<'a>(hay: &'a str, word: &'a str) -> impl Iterator<Item = usize> + 'a {
+            let (h, w) = (hay.as_bytes(), word.as_bytes());
+            let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+            let end = (h.len() + 1).saturating_sub(w.len());
+            (0..end).filter(move |&i| {
+                h[i..i + w.len()].eq_ignore_ascii_case(w)
+                    && (i == 0 || !ident(h[i - 1]))
+                    && h.get(i + w.len()).is_none_or(|&b| !ident(b))
+            })
+        }
+    }
+
+    #[test]
+    fn one_pass_prefilter_agrees_with_the_reference() {
+        // Texts built from fragments that sit on every boundary the prefilter cares about.
+        const PARTS: &[&str] = &[
+            "SET",
+            "set",
+            "Reset",
+            "listen",
+            "LISTENER",
+            "temp",
+            "temporary",
+            "declare",
+            "prepare",
+            "load",
+            "discard",
+            "pg_advisory_lock",
+            "PG_TRY_ADVISORY_LOCK_SHARED",
+            "pg_advisory_xact_lock",
+            "x",
+            "_",
+            "$1",
+            "é",
+            ";",
+            " ",
+            "\n",
+            "\t",
+            "--",
+            "/*",
+            "*/",
+            "-",
+            "/",
+            "(",
+            ")",
+            "'",
+            "\"",
+            ".",
+            "1",
+            "select",
+            "update t",
+            "offset",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let n = (next() % 8) as usize;
+            let sql: String = (0..n)
+                .map(|_| PARTS[(next() % PARTS.len() as u64) as usize])
+                .collect();
+            let one = prefilter(&sql);
+            assert_eq!(
+                (one.advisory, one.keyword),
+                reference::prefilter(&sql),
+                "{sql:?}"
+            );
+        }
     }
 }

@@ -28,7 +28,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tracing::{info, warn};
 
-use crate::cancel::{CancelTarget, ClientKey};
+use crate::cancel::{CancelSlot, CancelTarget, ClientKey};
 use crate::error::ClientError;
 use crate::metrics as m;
 use crate::pool::{PoolError, TxnLease, TxnPool};
@@ -140,6 +140,7 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         conn,
         shared,
         key,
+        cancel_slot: shared.cancels.slot(key),
         pool: &pool,
         tenant: &tenant,
         settings,
@@ -251,6 +252,8 @@ struct Loop<'a> {
     conn: &'a mut ClientConn,
     shared: &'a Shared,
     key: ClientKey,
+    /// Where `key` points (repointed on every attach).
+    cancel_slot: Arc<CancelSlot>,
     pool: &'a Arc<TxnPool>,
     tenant: &'a Arc<str>,
     settings: ClientSettings,
@@ -353,14 +356,11 @@ impl Loop<'_> {
             lease.carried = None;
             lease.dirty = true;
         }
-        self.shared.cancels.set_target(
-            self.key,
-            Some(CancelTarget {
-                addr: lease.cancel_addr,
-                pid: lease.backend_pid,
-                secret: lease.backend_secret,
-            }),
-        );
+        self.cancel_slot.set(Some(CancelTarget {
+            addr: lease.cancel_addr,
+            pid: lease.backend_pid,
+            secret: lease.backend_secret,
+        }));
         let live = &self.session.entry.live;
         live.set_server(lease.id, lease.backend_pid);
         let features = self.features;
@@ -404,7 +404,7 @@ impl Loop<'_> {
             // its connection is destroyed.
             self.shared.cancels.cancel(self.key, None).await;
         }
-        self.shared.cancels.set_target(self.key, None);
+        self.cancel_slot.set(None);
         for change in self.features.take_changes() {
             self.settings.apply(change);
         }
