@@ -72,6 +72,7 @@ pub use server::{ServerName, ServerStatements};
 use bytes::BytesMut;
 use serde::Deserialize;
 
+use crate::protocol::frame::take_cstr;
 use crate::protocol::tags;
 
 use answers::Answers;
@@ -234,6 +235,27 @@ impl PreparedStatements {
     /// Appends the locally synthesized answers that are first in line to `client_out`.
     pub fn drain_due(&mut self, client_out: &mut BytesMut) {
         self.answers.drain_due(client_out);
+    }
+}
+
+/// Whether a client frame needs this layer: it names a statement (a Parse, Bind, Describe
+/// or Close of a named statement), or is a `DEALLOCATE` / `DISCARD ALL` the layer
+/// recognizes. Until a client sends one, transaction mode relays its frames as they are
+/// (the layer is engaged lazily, see `session::relay::engage`). A malformed body engages
+/// (the layer reports it).
+pub fn engages(tag: u8, body: &[u8]) -> bool {
+    let mut rest = body;
+    let named = |name: Option<&[u8]>| name.is_none_or(|n| !n.is_empty());
+    match tag {
+        tags::PARSE => named(take_cstr(&mut rest)),
+        tags::BIND => named(take_cstr(&mut rest).and_then(|_| take_cstr(&mut rest))),
+        tags::DESCRIBE | tags::CLOSE => match rest.split_first() {
+            Some((b'P', _)) => false,
+            Some((b'S', name)) => name.first().is_none_or(|b| *b != 0),
+            _ => true,
+        },
+        tags::QUERY => take_cstr(&mut rest).is_none_or(|sql| deallocate::parse(sql).is_some()),
+        _ => false,
     }
 }
 

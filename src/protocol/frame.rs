@@ -94,6 +94,11 @@ impl FrameScanner {
         self.remaining_body == 0
     }
 
+    /// Bytes of a frame's body still to stream through before the next frame starts.
+    pub fn pending_body(&self) -> usize {
+        self.remaining_body
+    }
+
     /// Scans `buf[..]`, calling `on_event` per frame. Returns how many bytes may be forwarded
     /// now: everything except a trailing partial header or a partial frame the caller wants
     /// whole (those wait for more bytes). `wants_whole(tag)` selects the frames reported whole.

@@ -385,7 +385,9 @@ async fn run_session(
         RelayEnd::Killed(reason) => Err(ClientError::Killed(reason.to_string())),
         RelayEnd::Expired(why) => Err(why.error()),
         RelayEnd::ServerClosed => Err(ClientError::ServerLost),
-        RelayEnd::Terminated | RelayEnd::ClientClosed | RelayEnd::Detached => Ok(()),
+        RelayEnd::Terminated | RelayEnd::ClientClosed | RelayEnd::Detached | RelayEnd::Engage => {
+            Ok(())
+        }
     }
 }
 
@@ -409,6 +411,7 @@ fn end_label(end: &RelayEnd) -> &'static str {
         RelayEnd::Killed(_) => "killed",
         RelayEnd::Expired(why) => why.error().label(),
         RelayEnd::Detached => "detached",
+        RelayEnd::Engage => "engage",
     }
 }
 

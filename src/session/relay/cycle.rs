@@ -141,6 +141,16 @@ impl Cycle {
         self.expects.is_empty() && !self.unsynced && self.discarding.is_none()
     }
 
+    /// Extended-protocol messages were forwarded since the last Sync.
+    pub fn mid_cycle(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Client messages are being skipped until Sync after a refusal.
+    pub fn discarding(&self) -> bool {
+        self.discarding.is_some()
+    }
+
     /// Walks the client's frames in `buf` and decides, per frame, forward or refuse.
     pub fn plan_client(
         &mut self,

@@ -9,6 +9,7 @@
 //! keeps draining, so a client that pipelines heavily cannot deadlock the pair.
 
 mod cycle;
+mod engage;
 mod prepared_io;
 mod server_side;
 pub mod setup;
@@ -32,6 +33,7 @@ use crate::protocol::frame::FrameScanner;
 use super::lifetime::Expiry;
 use super::registry::{Control, LiveStats, SessionState};
 
+use engage::EngagePoint;
 use prepared_io::Prep;
 use server_side::ServerSide;
 
@@ -61,6 +63,10 @@ pub enum RelayEnd {
     /// Transaction mode: the server connection reached an idle point outside a transaction
     /// with nothing in flight and nothing pending from the client; it can be returned.
     Detached,
+    /// Transaction mode: the client sent its first frame that needs the named-statement
+    /// layer (`engage`); everything before it was answered. Re-attach the same connection
+    /// with the layer on (the client's bytes wait in its buffer).
+    Engage,
 }
 
 /// Transaction mode: one attachment of a server connection to the session.
@@ -73,6 +79,10 @@ pub struct Attach<'a> {
     /// The client's named statements; the connection's are `ServerConn::prepared`, which
     /// must be `Some` then. `None` relays Parse/Bind/... unchanged.
     pub prepared: Option<&'a mut PreparedStatements>,
+    /// With `prepared` `None`: watch for the first frame that needs the layer and end with
+    /// `RelayEnd::Engage` before it; the callback pins the session where that cannot be
+    /// done (see `engage`). `None`: relay everything unchanged.
+    pub lazy: Option<&'a (dyn Fn() + Send + Sync)>,
 }
 
 /// What the relay watches for its session besides shutdown: the console's control channel,
@@ -127,25 +137,30 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
         let client_buf = &mut *self.client_buf;
         let mut client_scan = FrameScanner::new(self.max_client_frame);
         let mut server_scan = FrameScanner::new(MAX_SERVER_FRAME);
-        let (mut prefix, setup, pinned, prep) = match self.attach.take() {
+        let (mut prefix, setup, pinned, prep, mut lazy) = match self.attach.take() {
             Some(Attach {
                 setup,
                 pinned,
                 prepared,
+                lazy,
             }) => {
                 let (bytes, answer) = setup.unzip();
                 let prep = prepared
                     .zip(server_prepared.as_mut())
                     .map(|(c, s)| Prep::new(c, s));
-                (bytes, answer, Some(pinned), prep)
+                let lazy = lazy.filter(|_| prep.is_none());
+                (bytes, answer, Some(pinned), prep, lazy)
             }
-            None => (None, None, None, None),
+            None => (None, None, None, None, None),
         };
+        // Client bytes wait (unread, unplanned) until the layer is engaged.
+        let mut engage_when_idle = false;
         // Transaction mode with statement renaming: the rewritten client bytes (reused),
         // and client bytes planned but held back until an earlier cycle is answered.
         let mut rewritten = BytesMut::new();
         let mut held = BytesMut::new();
-        self.cycle.whole_for_prepared = prep.is_some();
+        // Watching for the layer needs the same frames whole as the layer itself.
+        self.cycle.whole_for_prepared = prep.is_some() || lazy.is_some();
         let mut server_side = ServerSide {
             buf: server_buf,
             params,
@@ -202,6 +217,13 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     return RelayEnd::Detached;
                 }
             }
+            if engage_when_idle
+                && self.cycle.idle()
+                && server_side.setup.is_none()
+                && server_side.buf.is_empty()
+            {
+                return RelayEnd::Engage;
+            }
             // Held-back client bytes go on once a ReadyForQuery came (what they waited for
             // may be answered now); new client bytes wait behind them.
             if let Some(p) = server_side.prep.as_mut() {
@@ -238,7 +260,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     continue;
                 }
             }
-            let blocked = !held.is_empty();
+            let blocked = !held.is_empty() || engage_when_idle;
             // PAUSE holds the next request at a transaction boundary: at most one read of
             // it is taken in (so SHOW CLIENTS can tell a held request), none is forwarded.
             let hold = paused && at_boundary;
@@ -314,13 +336,33 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             }
             pending_client_bytes = false;
 
-            let plan = match self
-                .cycle
-                .plan_client(&mut client_scan, client_buf, self.filter)
-            {
-                Ok(plan) => plan,
-                Err(e) => return RelayEnd::ClientViolation(e.into()),
-            };
+            let mut limit = client_buf.len();
+            if let Some(pin_session) = lazy {
+                let skip = client_scan.pending_body();
+                let point = client_buf.get(skip..).map_or(EngagePoint::None, |bytes| {
+                    engage::engage_point(bytes, self.cycle.mid_cycle(), self.cycle.discarding())
+                });
+                match point {
+                    EngagePoint::None => {}
+                    EngagePoint::At(at) => {
+                        limit = skip + at;
+                        engage_when_idle = true;
+                        lazy = None;
+                    }
+                    EngagePoint::Pin => {
+                        pin_session();
+                        lazy = None;
+                    }
+                }
+            }
+            let plan =
+                match self
+                    .cycle
+                    .plan_client(&mut client_scan, &client_buf[..limit], self.filter)
+                {
+                    Ok(plan) => plan,
+                    Err(e) => return RelayEnd::ClientViolation(e.into()),
+                };
             if plan.queries > 0 {
                 self.stats.queries += plan.queries;
                 (self.on_queries)(plan.queries);

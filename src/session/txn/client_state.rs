@@ -140,6 +140,8 @@ pub struct FeatureFilter<'a> {
     pinned: AtomicBool,
     /// Tracked setting changes seen since the last `take_changes`.
     changes: Mutex<Vec<SettingChange>>,
+    /// The last statement text that needed nothing (empty: none yet).
+    last_plain: Mutex<Vec<u8>>,
 }
 
 impl<'a> FeatureFilter<'a> {
@@ -149,6 +151,7 @@ impl<'a> FeatureFilter<'a> {
             upstream,
             pinned: AtomicBool::new(false),
             changes: Mutex::new(Vec::new()),
+            last_plain: Mutex::new(Vec::new()),
         }
     }
 
@@ -160,7 +163,8 @@ impl<'a> FeatureFilter<'a> {
         std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn pin(&self, feature: Feature) {
+    /// Pins the session for `feature` (counted once per session), whatever the mode.
+    pub fn pin(&self, feature: Feature) {
         if !self.pinned.swap(true, Ordering::Relaxed) {
             metrics::counter!(m::PINNED_SESSIONS_TOTAL, "upstream" => self.upstream.to_string(), "reason" => feature.label())
                 .increment(1);
@@ -193,7 +197,19 @@ impl<'a> FeatureFilter<'a> {
 
 impl ClientFilter for FeatureFilter<'_> {
     fn check_sql(&self, sql: &str) -> Option<Refusal> {
+        // Clients repeat their statements (drivers, ORMs, pgbench): the last text that
+        // needed nothing is remembered and not scanned again.
+        let mut last_plain = self.last_plain.lock().unwrap_or_else(|e| e.into_inner());
+        if *last_plain == sql.as_bytes() {
+            return None;
+        }
         let inspection = features::inspect(sql);
+        if inspection == features::Inspection::default() {
+            last_plain.clear();
+            last_plain.extend_from_slice(sql.as_bytes());
+            return None;
+        }
+        drop(last_plain);
         if let Some(refusal) = inspection.feature.and_then(|f| self.found(f)) {
             // Refused as a whole: none of its settings take effect.
             return Some(refusal);
@@ -285,5 +301,23 @@ mod tests {
         assert_eq!(p.take_changes().len(), 1);
         assert!(p.check_sql("CREATE TEMP TABLE t (x int)").is_none());
         assert!(p.pinned());
+    }
+
+    #[test]
+    fn a_remembered_plain_text_does_not_hide_the_next_one() {
+        let f = FeatureFilter::new(SessionFeatures::Refuse, "up");
+        for _ in 0..3 {
+            assert!(f
+                .check_sql("SELECT abalance FROM t WHERE aid = $1")
+                .is_none());
+        }
+        assert!(f.check_sql("LISTEN x").is_some());
+        assert!(
+            f.check_sql("LISTEN x").is_some(),
+            "refusals are not remembered"
+        );
+        assert!(f.check_sql("SET search_path = a").is_none());
+        assert!(f.check_sql("SET search_path = a").is_none());
+        assert_eq!(f.take_changes().len(), 2, "tracked SETs are never skipped");
     }
 }

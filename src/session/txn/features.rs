@@ -25,6 +25,9 @@ pub enum Feature {
     Load,
     /// Text with a keyword of the above that libpg_query cannot parse: pinned, to be safe.
     Unparsed,
+    /// A named statement first used in the middle of a request cycle whose first messages
+    /// already reached the server (`relay::engage`): always pinned, never refused.
+    NamedMidCycle,
 }
 
 impl Feature {
@@ -38,6 +41,7 @@ impl Feature {
             Feature::TempTable => "temp_table",
             Feature::Load => "load",
             Feature::Unparsed => "unparsed",
+            Feature::NamedMidCycle => "named_statement_mid_cycle",
         }
     }
 
@@ -52,6 +56,7 @@ impl Feature {
             Feature::TempTable => "a temporary table, view or sequence without ON COMMIT DROP",
             Feature::Load => "LOAD",
             Feature::Unparsed => "this statement",
+            Feature::NamedMidCycle => "a named statement after unsynced messages",
         }
     }
 }

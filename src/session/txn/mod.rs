@@ -44,6 +44,7 @@ use crate::auth::Identity;
 use crate::server::{Runtime, Shared};
 
 pub use client_state::{ClientSettings, FeatureFilter};
+use features::Feature;
 
 /// Everything `run` needs from `run_session`.
 pub(super) struct Start<'a> {
@@ -155,6 +156,7 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         cycle: Some(cycle),
         stats: Default::default(),
         prepared: PreparedStatements::new(&rt.config.prepared_statements),
+        prepared_engaged: false,
         max_server_statements: rt.config.prepared_statements.max_server_prepared_statements,
         prepared_metrics: PreparedMetrics::new(&upstream),
     };
@@ -178,7 +180,9 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         RelayEnd::Killed(reason) => Err(ClientError::Killed(reason.to_string())),
         RelayEnd::Expired(why) => Err(why.error()),
         RelayEnd::ServerClosed => Err(ClientError::ServerLost),
-        RelayEnd::Terminated | RelayEnd::ClientClosed | RelayEnd::Detached => Ok(()),
+        RelayEnd::Terminated | RelayEnd::ClientClosed | RelayEnd::Detached | RelayEnd::Engage => {
+            Ok(())
+        }
     }
 }
 
@@ -270,6 +274,9 @@ struct Loop<'a> {
     /// The client's named statements (kept across attachments; each connection has its own
     /// `ServerConn::prepared`).
     prepared: PreparedStatements,
+    /// The client sent a frame that needs `prepared` (until then its frames are relayed
+    /// unchanged: the layer costs CPU on every message, see `relay::engage`).
+    prepared_engaged: bool,
     max_server_statements: usize,
     prepared_metrics: PreparedMetrics,
 }
@@ -330,9 +337,18 @@ impl Loop<'_> {
                 return Ok(end);
             }
             live.set_state(SessionState::Waiting);
-            let lease = self.pool.checkout(self.tenant).await?;
+            let mut lease = self.pool.checkout(self.tenant).await?;
             self.wait_seconds.record(lease.waited.as_secs_f64());
-            let (end, lease) = self.attach(lease).await;
+            let end = loop {
+                let (end, back) = self.attach(lease).await;
+                lease = back;
+                if !matches!(end, RelayEnd::Engage) {
+                    break end;
+                }
+                // The client named a statement: from here on its frames go through the
+                // named-statement layer, starting on this same connection.
+                self.prepared_engaged = true;
+            };
             if !matches!(end, RelayEnd::Detached) {
                 self.finish(lease, &end).await;
                 return Ok(end);
@@ -365,6 +381,7 @@ impl Loop<'_> {
         live.set_server(lease.id, lease.backend_pid);
         let features = self.features;
         let pinned = move || features.pinned();
+        let pin_unsynced = move || features.pin(Feature::NamedMidCycle);
         // The connection's statements travel with it through the pool (emptied whenever it
         // is reset with DISCARD ALL, i.e. on every tenant switch).
         let max_server = self.max_server_statements;
@@ -389,7 +406,8 @@ impl Loop<'_> {
             attach: Some(Attach {
                 setup,
                 pinned: &pinned,
-                prepared: Some(&mut self.prepared),
+                prepared: self.prepared_engaged.then_some(&mut self.prepared),
+                lazy: Some(&pin_unsynced),
             }),
         };
         let end = relay.run(self.shared.shutdown.clone()).await;
@@ -408,8 +426,8 @@ impl Loop<'_> {
         for change in self.features.take_changes() {
             self.settings.apply(change);
         }
-        if matches!(end, RelayEnd::Detached) {
-            // Detached only after the setup's answers were consumed and checked, and the
+        if matches!(end, RelayEnd::Detached | RelayEnd::Engage) {
+            // Detached (or stopped to engage the named-statement layer) only after the setup's answers were consumed and checked, and the
             // client's tracked SETs ran on this connection: it carries the client's
             // current settings now. (Never pinned: a pinned session does not detach.)
             lease.carried = Some(self.settings.snapshot());
