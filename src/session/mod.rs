@@ -8,6 +8,7 @@ mod handshake;
 mod lifetime;
 pub mod registry;
 pub mod relay;
+mod signals;
 mod txn;
 
 use std::net::SocketAddr;
@@ -319,6 +320,7 @@ async fn run_session(
         }
     };
     let started_relay = Instant::now();
+    let mut signals = signals::Signals::new(shared.shutdown.clone(), Some(session.control.clone()));
     let result = greet_and_relay(
         conn,
         &mut server,
@@ -331,7 +333,7 @@ async fn run_session(
                 .map(|_| &on_statement as &(dyn Fn(relay::CompletedStatement) + Send + Sync)),
         },
         relay::Watches {
-            control: session.control.clone(),
+            signals: &mut signals,
             live: &session.entry.live,
             deadline,
         },

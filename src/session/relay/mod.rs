@@ -32,6 +32,7 @@ use crate::protocol::frame::FrameScanner;
 
 use super::lifetime::Expiry;
 use super::registry::{Control, LiveStats, SessionState};
+use super::signals::{Signal, Signals};
 
 use engage::EngagePoint;
 use prepared_io::Prep;
@@ -88,7 +89,9 @@ pub struct Attach<'a> {
 /// What the relay watches for its session besides shutdown: the console's control channel,
 /// the deadline, and where it publishes its state and counters (relaxed stores, no locks).
 pub struct Watches<'a> {
-    pub control: watch::Receiver<Control>,
+    /// Shutdown and the console's control channel (the relay's `shutdown` argument is
+    /// not watched then).
+    pub signals: &'a mut Signals,
     pub live: &'a LiveStats,
     pub deadline: Option<(tokio::time::Instant, Expiry)>,
 }
@@ -171,15 +174,18 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             prep,
         };
         let mut local = BytesMut::new();
-        let mut draining = *shutdown.borrow();
-        let (mut control, live, deadline) = match self.watches.take() {
-            Some(w) => (Some(w.control), Some(w.live), w.deadline),
+        let (mut signals, live, deadline) = match self.watches.take() {
+            Some(w) => (Some(w.signals), Some(w.live), w.deadline),
             None => (None, None, None),
         };
+        let mut draining = match signals.as_deref() {
+            Some(s) => s.draining(),
+            None => *shutdown.borrow(),
+        };
         let mut paused = false;
-        if let Some(c) = control.as_mut() {
-            match &*c.borrow_and_update() {
-                Control::Kill(reason) => return RelayEnd::Killed(reason.clone()),
+        if let Some(s) = signals.as_deref() {
+            match s.control() {
+                Control::Kill(reason) => return RelayEnd::Killed(reason),
                 Control::Paused => paused = true,
                 Control::Run => {}
             }
@@ -285,22 +291,17 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                 reserve(server_side.buf);
                 tokio::select! {
                     biased;
-                    changed = shutdown.changed(), if !draining => {
+                    changed = shutdown.changed(), if !draining && signals.is_none() => {
                         draining = changed.is_err() || *shutdown.borrow();
                         continue;
                     }
-                    changed = control_changed(control.as_mut()) => {
-                        let Some(c) = control.as_mut() else { continue };
-                        if changed.is_err() {
-                            // The registry is gone with its process: nothing more to obey.
-                            control = None;
-                            continue;
-                        }
+                    signal = next_signal(signals.as_deref_mut()) => {
                         let was_paused = paused;
-                        match &*c.borrow_and_update() {
-                            Control::Kill(reason) => return RelayEnd::Killed(reason.clone()),
-                            Control::Paused => paused = true,
-                            Control::Run => paused = false,
+                        match signal {
+                            Signal::Shutdown => draining = true,
+                            Signal::Control(Control::Kill(reason)) => return RelayEnd::Killed(reason),
+                            Signal::Control(Control::Paused) => paused = true,
+                            Signal::Control(Control::Run) => paused = false,
                         }
                         // A request held while paused goes on now.
                         if was_paused && !paused && !client_buf.is_empty() {
@@ -539,12 +540,10 @@ fn report_statements(
     }
 }
 
-/// Resolves when the control channel changes; never without one.
-async fn control_changed(
-    control: Option<&mut watch::Receiver<Control>>,
-) -> Result<(), watch::error::RecvError> {
-    match control {
-        Some(c) => c.changed().await,
+/// The session's next signal; never without `Signals` (a bare relay).
+async fn next_signal(signals: Option<&mut Signals>) -> Signal {
+    match signals {
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }

@@ -38,6 +38,7 @@ use crate::protocol::messages;
 use super::audit_tap::{AuditGate, FilterChain};
 use super::registry::{SessionHandle, SessionState};
 use super::relay::{self, Attach, Relay, RelayEnd};
+use super::signals::Signals;
 use super::{end_label, filter, lifetime, m_ended, m_refused, totals, ClientConn, SessionAudit};
 use crate::audit::EventKind;
 use crate::auth::Identity;
@@ -157,6 +158,7 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
         stats: Default::default(),
         prepared: PreparedStatements::new(&rt.config.prepared_statements),
         prepared_engaged: false,
+        signals: Signals::new(shared.shutdown.clone(), Some(session.control.clone())),
         max_server_statements: rt.config.prepared_statements.max_server_prepared_statements,
         prepared_metrics: PreparedMetrics::new(&upstream),
     };
@@ -277,6 +279,8 @@ struct Loop<'a> {
     /// The client sent a frame that needs `prepared` (until then its frames are relayed
     /// unchanged: the layer costs CPU on every message, see `relay::engage`).
     prepared_engaged: bool,
+    /// Shutdown and the console, watched by the waiter and the relay in turn.
+    signals: Signals,
     max_server_statements: usize,
     prepared_metrics: PreparedMetrics,
 }
@@ -325,15 +329,14 @@ impl Loop<'_> {
         // holds no server connection.
         drop(first);
         self.conn.write_flush(&hello).await?;
-        let mut waiter = wait::Waiter::new(
-            self.session.control.clone(),
-            self.shared.shutdown.clone(),
-            self.deadline,
-        );
+        let mut waiter = wait::Waiter::new(self.deadline);
         loop {
             let live = &self.session.entry.live;
             live.set_server(0, 0);
-            if let Err(end) = waiter.next_request(self.conn, live).await {
+            if let Err(end) = waiter
+                .next_request(self.conn, live, &mut self.signals)
+                .await
+            {
                 return Ok(end);
             }
             live.set_state(SessionState::Waiting);
@@ -399,7 +402,7 @@ impl Loop<'_> {
             filter: Some(self.filter),
             on_statement: self.on_statement,
             watches: Some(relay::Watches {
-                control: self.session.control.clone(),
+                signals: &mut self.signals,
                 live,
                 deadline: self.deadline,
             }),

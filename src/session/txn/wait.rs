@@ -4,12 +4,12 @@
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
-use tokio::sync::watch;
 
 use crate::protocol::tags;
 use crate::session::lifetime::Expiry;
 use crate::session::registry::{Control, LiveStats, SessionState};
 use crate::session::relay::RelayEnd;
+use crate::session::signals::{Signal, Signals};
 use crate::session::ClientConn;
 
 /// A request this large starts streaming before it is complete.
@@ -18,28 +18,15 @@ const STREAM_FROM: usize = 8 * 1024;
 const IDLE_READ: usize = 1024;
 
 pub(super) struct Waiter {
-    control: Option<watch::Receiver<Control>>,
-    shutdown: watch::Receiver<bool>,
     deadline: Option<(tokio::time::Instant, Expiry)>,
-    draining: bool,
     expired: bool,
-    paused: bool,
 }
 
 impl Waiter {
-    pub fn new(
-        control: watch::Receiver<Control>,
-        shutdown: watch::Receiver<bool>,
-        deadline: Option<(tokio::time::Instant, Expiry)>,
-    ) -> Self {
-        let draining = *shutdown.borrow();
+    pub fn new(deadline: Option<(tokio::time::Instant, Expiry)>) -> Self {
         Waiter {
-            control: Some(control),
-            shutdown,
             deadline,
-            draining,
             expired: false,
-            paused: false,
         }
     }
 
@@ -50,34 +37,34 @@ impl Waiter {
         &mut self,
         conn: &mut ClientConn,
         live: &LiveStats,
+        signals: &mut Signals,
     ) -> Result<(), RelayEnd> {
-        if let Some(c) = self.control.as_mut() {
-            match &*c.borrow_and_update() {
-                Control::Kill(reason) => return Err(RelayEnd::Killed(reason.clone())),
-                Control::Paused => self.paused = true,
-                Control::Run => self.paused = false,
-            }
-        }
+        let mut paused = match signals.control() {
+            Control::Kill(reason) => return Err(RelayEnd::Killed(reason)),
+            Control::Paused => true,
+            Control::Run => false,
+        };
+        let mut draining = signals.draining();
         let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30);
         let expiry = tokio::time::sleep_until(self.deadline.map_or(far, |(at, _)| at));
         tokio::pin!(expiry);
         loop {
             // Between transactions is where draining and expired sessions end.
-            if self.draining {
+            if draining {
                 return Err(RelayEnd::Shutdown);
             }
             if let (true, Some((_, why))) = (self.expired, self.deadline) {
                 return Err(RelayEnd::Expired(why));
             }
             let buf = &conn.read_buf;
-            if !self.paused && request_ready(buf) {
+            if !paused && request_ready(buf) {
                 // A Terminate needs no server connection.
                 return match buf.first() {
                     Some(&tags::TERMINATE) => Err(RelayEnd::Terminated),
                     _ => Ok(()),
                 };
             }
-            live.set_state(match (self.paused, buf.is_empty()) {
+            live.set_state(match (paused, buf.is_empty()) {
                 (true, true) => SessionState::Paused,
                 (true, false) => SessionState::Waiting,
                 (false, _) => SessionState::Idle,
@@ -85,25 +72,15 @@ impl Waiter {
             if conn.read_buf.capacity() - conn.read_buf.len() < 64 {
                 conn.read_buf.reserve(IDLE_READ);
             }
-            let hold = self.paused && !conn.read_buf.is_empty();
+            let hold = paused && !conn.read_buf.is_empty();
             tokio::select! {
                 biased;
-                changed = self.shutdown.changed(), if !self.draining => {
-                    self.draining = changed.is_err() || *self.shutdown.borrow();
-                }
-                changed = changed(self.control.as_mut()) => {
-                    if changed.is_err() {
-                        self.control = None;
-                        continue;
-                    }
-                    if let Some(c) = self.control.as_mut() {
-                        match &*c.borrow_and_update() {
-                            Control::Kill(reason) => return Err(RelayEnd::Killed(reason.clone())),
-                            Control::Paused => self.paused = true,
-                            Control::Run => self.paused = false,
-                        }
-                    }
-                }
+                signal = signals.next() => match signal {
+                    Signal::Shutdown => draining = true,
+                    Signal::Control(Control::Kill(reason)) => return Err(RelayEnd::Killed(reason)),
+                    Signal::Control(Control::Paused) => paused = true,
+                    Signal::Control(Control::Run) => paused = false,
+                },
                 () = &mut expiry, if self.deadline.is_some() && !self.expired => {
                     self.expired = true;
                 }
@@ -113,13 +90,6 @@ impl Waiter {
                 },
             }
         }
-    }
-}
-
-async fn changed(c: Option<&mut watch::Receiver<Control>>) -> Result<(), watch::error::RecvError> {
-    match c {
-        Some(c) => c.changed().await,
-        None => std::future::pending().await,
     }
 }
 
