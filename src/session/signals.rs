@@ -5,10 +5,17 @@
 //! the channel's waiter list when first polled and unregisters when dropped (a lock each),
 //! and the relay and the waiter go through their `select!` several times per transaction.
 //! Here the wait is registered once and stays registered across polls and attachments; it
-//! is rebuilt (one allocation) only after a signal actually arrived.
+//! is rebuilt (one allocation) only after a signal actually arrived. And it is only polled
+//! when its own waker fired: polling a registered `Notified` locks its list too, and the
+//! session's task is woken for every client and server read.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
 
 use tokio::sync::watch;
 
@@ -31,6 +38,27 @@ pub struct Signals {
     /// Clones for reading the current values (reading registers nothing).
     shutdown_now: watch::Receiver<bool>,
     control_now: Option<watch::Receiver<Control>>,
+    /// Wakes the session's task when the channels' wait needs another poll.
+    wake: Arc<Woken>,
+    inner_waker: Waker,
+}
+
+/// Set by the channels' waker; the session's task is woken through `task`.
+#[derive(Default)]
+struct Woken {
+    flag: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.flag.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 struct Receivers {
@@ -46,10 +74,15 @@ impl Signals {
             shutdown: shutdown.clone(),
             control: control.clone(),
         };
+        let wake = Arc::new(Woken::default());
+        // The first poll must reach the channels (to register with them).
+        wake.flag.store(true, Ordering::Relaxed);
         Signals {
             pending: Box::pin(receivers.next()),
             shutdown_now: shutdown,
             control_now: control,
+            inner_waker: Waker::from(wake.clone()),
+            wake,
         }
     }
 
@@ -68,9 +101,24 @@ impl Signals {
     /// The next signal. Cancel-safe: dropping this future keeps the wait registered, and a
     /// signal is never lost (it is returned by the next call).
     pub async fn next(&mut self) -> Signal {
-        let (receivers, signal) = (&mut self.pending).await;
-        self.pending = Box::pin(receivers.next());
-        signal
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Signal> {
+        self.wake.task.register(cx.waker());
+        if !self.wake.flag.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let mut inner = Context::from_waker(&self.inner_waker);
+        match self.pending.as_mut().poll(&mut inner) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready((receivers, signal)) => {
+                self.pending = Box::pin(receivers.next());
+                // The new wait registers with the channels on its first poll.
+                self.wake.flag.store(true, Ordering::Release);
+                Poll::Ready(signal)
+            }
+        }
     }
 }
 
