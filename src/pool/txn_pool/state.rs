@@ -14,6 +14,11 @@
 //! round-robin across tenants.
 
 use std::collections::{HashMap, VecDeque};
+
+/// Tenant-keyed maps, looked up several times per checkout and check-in under the pool's
+/// lock: a fast hasher (keys are tenant ids, not attacker-chosen in bulk: a client cannot
+/// pick its tenant, its token does).
+type TenantMap<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -51,8 +56,8 @@ pub struct State<C, K, T> {
     pub open: u32,
     pub idle: Vec<Idle<C, K>>,
     /// Connections held (checked out or connecting) per tenant.
-    held: HashMap<Arc<str>, u32>,
-    queues: HashMap<Arc<str>, VecDeque<Waiter<T>>>,
+    held: TenantMap<u32>,
+    queues: TenantMap<VecDeque<Waiter<T>>>,
     /// Tenants with waiters, in the order they are served next.
     turn: VecDeque<Arc<str>>,
     next_id: u64,
@@ -65,8 +70,8 @@ impl<C, K, T> State<C, K, T> {
             tenant_cap: tenant_cap.clamp(1, size.max(1)),
             open: 0,
             idle: Vec::new(),
-            held: HashMap::new(),
-            queues: HashMap::new(),
+            held: TenantMap::default(),
+            queues: TenantMap::default(),
             turn: VecDeque::new(),
             next_id: 0,
         }
