@@ -295,6 +295,33 @@ async fn tracked_settings_survive_a_move_and_do_not_leak() {
         simple_value(&c, "SELECT current_setting('application_name')").await,
         "moved-app"
     );
+    // A SET in a rolled-back transaction and a SET that failed change nothing, so nothing
+    // of theirs is re-applied when c moves (a bad value re-applied would fail the move).
+    c.batch_execute("BEGIN; SET search_path = rolled_back; ROLLBACK")
+        .await
+        .expect("rolled back");
+    let err = c
+        .batch_execute("SET statement_timeout = 'not a duration'")
+        .await
+        .expect_err("invalid value");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("22023"),
+        "{err}"
+    );
+    let c_pid = simple_value(&c, "SELECT pg_backend_pid()").await;
+    e.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(simple_value(&e, "SELECT pg_backend_pid()").await, c_pid);
+    assert_ne!(simple_value(&c, "SELECT pg_backend_pid()").await, c_pid);
+    assert_eq!(
+        simple_value(&c, "SELECT current_setting('search_path')").await,
+        "public, pg_catalog"
+    );
+    assert_eq!(
+        simple_value(&c, "SELECT current_setting('statement_timeout')").await,
+        "0"
+    );
+    e.batch_execute("COMMIT").await.expect("commit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

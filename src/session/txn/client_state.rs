@@ -100,6 +100,65 @@ impl ClientSettings {
     }
 }
 
+/// The query that reads back, after a transaction, what the client's `SET`s of tracked
+/// parameters really left on the server: a SET inside a rolled-back transaction, or one
+/// that failed, changed nothing, and PostgreSQL's own display value is what gets
+/// re-applied. `$1` is a text array of lower-case names. Columns: name, current value,
+/// whether the session set it (`source = 'session'`; otherwise it is back to its default).
+pub const READ_BACK_SQL: &str = "SELECT lower(name), pg_catalog.current_setting(name), \
+     source = 'session' FROM pg_catalog.pg_settings WHERE lower(name) = ANY($1::text[])";
+
+/// The names `changes` touch (all tracked ones for `RESET ALL`), as `READ_BACK_SQL`'s
+/// array parameter; `None` when there are none.
+pub fn read_back_names(changes: &[SettingChange]) -> Option<String> {
+    let mut names: Vec<&str> = Vec::new();
+    for change in changes {
+        match change {
+            SettingChange::Set(name, _) | SettingChange::Reset(name) => names.push(name),
+            SettingChange::ResetAll => names.extend(features::TRACKED.iter().copied()),
+        }
+    }
+    names.sort_unstable();
+    names.dedup();
+    // Tracked names are plain lower-case identifiers: no quoting needed in the literal.
+    (!names.is_empty()).then(|| format!("{{{}}}", names.join(",")))
+}
+
+/// `READ_BACK_SQL`'s DataRow bodies as the changes to keep; `None` if a row is malformed.
+pub fn read_back_changes(rows: &[bytes::Bytes]) -> Option<Vec<SettingChange>> {
+    rows.iter()
+        .map(|row| {
+            let mut fields = data_row_fields(row)?.into_iter();
+            let (name, value, session) = (fields.next()??, fields.next()??, fields.next()??);
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            Some(if session == b"t" {
+                SettingChange::Set(text(name), text(value))
+            } else {
+                SettingChange::Reset(text(name))
+            })
+        })
+        .collect()
+}
+
+/// The fields of a DataRow body (`None` for SQL NULL).
+fn data_row_fields(mut body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    body = &body[2..];
+    let mut fields = Vec::with_capacity(usize::try_from(count).ok()?);
+    for _ in 0..count {
+        let len = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+        body = &body[4..];
+        if len < 0 {
+            fields.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).ok()?;
+        fields.push(Some(body.get(..len)?));
+        body = &body[len..];
+    }
+    Some(fields)
+}
+
 /// Parse/Bind/Execute/Sync of `SELECT pg_catalog.set_config($1,$2,false), ...`.
 fn set_config(settings: &[(String, String)], out: &mut BytesMut) -> Option<()> {
     let mut sql = String::from("SELECT ");
@@ -301,6 +360,43 @@ mod tests {
         assert_eq!(p.take_changes().len(), 1);
         assert!(p.check_sql("CREATE TEMP TABLE t (x int)").is_none());
         assert!(p.pinned());
+    }
+
+    #[test]
+    fn read_back_rows_become_the_changes_to_keep() {
+        assert_eq!(read_back_names(&[]), None);
+        let names = read_back_names(&[
+            SettingChange::Set("search_path".into(), "x".into()),
+            SettingChange::Reset("search_path".into()),
+            SettingChange::Set("application_name".into(), "a".into()),
+        ]);
+        assert_eq!(names.as_deref(), Some("{application_name,search_path}"));
+        assert!(read_back_names(&[SettingChange::ResetAll])
+            .unwrap()
+            .contains("statement_timeout"));
+        let row = |fields: &[&[u8]]| {
+            let mut b = (fields.len() as i16).to_be_bytes().to_vec();
+            for f in fields {
+                b.extend_from_slice(&(f.len() as i32).to_be_bytes());
+                b.extend_from_slice(f);
+            }
+            bytes::Bytes::from(b)
+        };
+        let rows = [
+            row(&[b"search_path", b"public, pg_catalog", b"t"]),
+            row(&[b"statement_timeout", b"0", b"f"]),
+        ];
+        assert_eq!(
+            read_back_changes(&rows),
+            Some(vec![
+                SettingChange::Set("search_path".into(), "public, pg_catalog".into()),
+                SettingChange::Reset("statement_timeout".into()),
+            ])
+        );
+        assert_eq!(
+            read_back_changes(&[bytes::Bytes::from_static(b"\0\x03")]),
+            None
+        );
     }
 
     #[test]

@@ -45,7 +45,7 @@ use crate::auth::Identity;
 use crate::server::{Runtime, Shared};
 
 pub use client_state::{ClientSettings, FeatureFilter};
-use features::Feature;
+use features::{Feature, SettingChange};
 
 /// Everything `run` needs from `run_session`.
 pub(super) struct Start<'a> {
@@ -253,6 +253,63 @@ async fn first_lease(
     }
 }
 
+/// The tracked-parameter changes a transaction really made, read back from the server
+/// connection it ran on (idle, outside a transaction): a `SET` in a rolled-back
+/// transaction or one that failed leaves nothing to re-apply. Falls back to the changes as
+/// parsed when the read-back fails (the connection is then marked broken and destroyed).
+async fn confirm_changes(
+    lease: &mut TxnLease,
+    parsed: Vec<SettingChange>,
+    timeout: std::time::Duration,
+) -> Vec<SettingChange> {
+    let Some(names) = client_state::read_back_names(&parsed) else {
+        return parsed;
+    };
+    let rows = tokio::time::timeout(
+        timeout,
+        lease.query_rows(client_state::READ_BACK_SQL, &[TEXT_ARRAY_OID], &[&names]),
+    )
+    .await;
+    match rows {
+        Ok(Ok(rows)) => match client_state::read_back_changes(&rows) {
+            Some(mut confirmed) => {
+                // RESET ALL also drops client settings that are not tracked parameters.
+                if parsed.contains(&SettingChange::ResetAll) {
+                    confirmed.insert(0, SettingChange::ResetAll);
+                }
+                // A name with no row is not a parameter of this server: nothing to keep.
+                for change in &parsed {
+                    if let SettingChange::Set(name, _) | SettingChange::Reset(name) = change {
+                        let found = confirmed.iter().any(|c| {
+                            matches!(c, SettingChange::Set(n, _) | SettingChange::Reset(n) if n == name)
+                        });
+                        if !found {
+                            confirmed.push(SettingChange::Reset(name.clone()));
+                        }
+                    }
+                }
+                confirmed
+            }
+            None => {
+                lease.broken = true;
+                parsed
+            }
+        },
+        Ok(Err(e)) => {
+            warn!(server = lease.id, error = %e, "reading back the client's settings failed");
+            lease.broken = true;
+            parsed
+        }
+        Err(_) => {
+            lease.broken = true;
+            parsed
+        }
+    }
+}
+
+/// `text[]`, the type of `READ_BACK_SQL`'s parameter.
+const TEXT_ARRAY_OID: u32 = 1009;
+
 /// The per-session state of the attach/detach loop.
 struct Loop<'a> {
     conn: &'a mut ClientConn,
@@ -426,13 +483,28 @@ impl Loop<'_> {
             self.shared.cancels.cancel(self.key, None).await;
         }
         self.cancel_slot.set(None);
-        for change in self.features.take_changes() {
-            self.settings.apply(change);
+        // Stopped to engage the named-statement layer, possibly inside a transaction: the
+        // SETs seen so far are settled at the next detach (the same connection goes on).
+        if !matches!(end, RelayEnd::Engage) {
+            let changes = self.features.take_changes();
+            let changes = match end {
+                RelayEnd::Detached if !changes.is_empty() => {
+                    confirm_changes(&mut lease, changes, self.pool.setup_timeout()).await
+                }
+                _ => changes,
+            };
+            for change in changes {
+                self.settings.apply(change);
+            }
         }
-        if matches!(end, RelayEnd::Detached | RelayEnd::Engage) {
-            // Detached (or stopped to engage the named-statement layer) only after the setup's answers were consumed and checked, and the
-            // client's tracked SETs ran on this connection: it carries the client's
-            // current settings now. (Never pinned: a pinned session does not detach.)
+        if lease.broken {
+            // The read-back failed: the connection's state is unknown.
+            lease.dirty = true;
+        } else if matches!(end, RelayEnd::Detached | RelayEnd::Engage) {
+            // Detached (or stopped to engage the named-statement layer) only after the
+            // setup's answers were consumed and checked, and the client's tracked SETs ran on
+            // this connection: it carries the client's current settings now. (Never pinned:
+            // a pinned session does not detach.)
             lease.carried = Some(self.settings.snapshot());
             lease.dirty = false;
         } else if setup_sent {
