@@ -447,7 +447,12 @@ fn has(row: &[(String, String)], name: &str, value: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_pause_kill_and_show_pools_work_in_transaction_mode() {
-    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let proxy = common::start_proxy(|c| {
+        txn_mode(c, 2);
+        let up = c.upstreams.get_mut("shared").expect("shared");
+        up.checkout_timeout = Duration::from_secs(10);
+    })
+    .await;
     let admin_token = common::token_with(
         "ops",
         "admin@ops.example",
@@ -512,6 +517,37 @@ async fn console_pause_kill_and_show_pools_work_in_transaction_mode() {
     assert_eq!(common::sqlstate(&ended), "57P01");
     drop(m);
     assert_eq!(simple_value(&g, "SELECT 2").await, "2");
+
+    // KILL also reaches a session waiting in the pool's queue (both connections are held
+    // by globex transactions): it ends at once, not after checkout_timeout (10 s here).
+    let g2 = common::connect(proxy.addr, "globex").await;
+    let (w, w_conn) = common::conn_config(proxy.addr, &token)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("medcorp again");
+    let w_task = tokio::spawn(w_conn);
+    g.batch_execute("BEGIN").await.expect("begin");
+    g2.batch_execute("BEGIN").await.expect("begin");
+    assert_eq!(simple_value(&g2, "SELECT 3").await, "3");
+    let waiting = tokio::spawn(async move { w.simple_query("SELECT 1").await.map(drop) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "no server connection is free");
+    let asked = std::time::Instant::now();
+    admin
+        .simple_query("KILL TENANT medcorp")
+        .await
+        .expect("kill");
+    // The error answers the request in flight; the connection then closes.
+    let ended = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("ended within 3 s")
+        .expect("task")
+        .expect_err("killed");
+    assert_eq!(common::sqlstate(&ended), "57P01");
+    assert!(asked.elapsed() < Duration::from_secs(3));
+    assert!(w_task.await.expect("task").is_err(), "the session ended");
+    g.batch_execute("COMMIT").await.expect("commit");
+    g2.batch_execute("COMMIT").await.expect("commit");
 }
 
 // ---- Named prepared statements across server connections (`prepared`, relay wiring) ----

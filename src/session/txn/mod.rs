@@ -36,9 +36,10 @@ use crate::prepared::{Counters, PreparedStatements, ServerStatements};
 use crate::protocol::messages;
 
 use super::audit_tap::{AuditGate, FilterChain};
+use super::registry::Control;
 use super::registry::{SessionHandle, SessionState};
 use super::relay::{self, Attach, Relay, RelayEnd};
-use super::signals::Signals;
+use super::signals::{Signal, Signals};
 use super::{end_label, filter, lifetime, m_ended, m_refused, totals, ClientConn, SessionAudit};
 use crate::audit::EventKind;
 use crate::auth::Identity;
@@ -397,7 +398,10 @@ impl Loop<'_> {
                 return Ok(end);
             }
             live.set_state(SessionState::Waiting);
-            let mut lease = self.pool.checkout(self.tenant).await?;
+            let mut lease = match self.checkout().await? {
+                Ok(lease) => lease,
+                Err(end) => return Ok(end),
+            };
             self.wait_seconds.record(lease.waited.as_secs_f64());
             let end = loop {
                 let (end, back) = self.attach(lease).await;
@@ -418,6 +422,27 @@ impl Loop<'_> {
             // when empty (memory per idle client).
             if self.conn.read_buf.is_empty() {
                 self.conn.read_buf = BytesMut::new();
+            }
+        }
+    }
+
+    /// A server connection for the client's pending request. While it waits in the pool's
+    /// queue (up to `checkout_timeout`) the session still obeys KILL and shutdown; PAUSE
+    /// needs nothing here (the relay holds the request at once when attached).
+    async fn checkout(&mut self) -> Result<Result<TxnLease, RelayEnd>, ClientError> {
+        let checkout = self.pool.checkout(self.tenant);
+        tokio::pin!(checkout);
+        loop {
+            tokio::select! {
+                biased;
+                lease = &mut checkout => return Ok(Ok(lease?)),
+                signal = self.signals.next() => match signal {
+                    Signal::Shutdown => return Ok(Err(RelayEnd::Shutdown)),
+                    Signal::Control(Control::Kill(reason)) => {
+                        return Ok(Err(RelayEnd::Killed(reason)))
+                    }
+                    Signal::Control(Control::Paused | Control::Run) => {}
+                },
             }
         }
     }
