@@ -764,3 +764,67 @@ async fn close_and_deallocate_through_the_proxy() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_named_statement_layer_engages_mid_stream_or_pins() {
+    let proxy = common::start_proxy(|c| txn_mode(c, 2)).await;
+    let mut s = common::raw::login(proxy.addr, &common::token("initech", "peter")).await;
+    // Unnamed traffic, then a named statement in the same write: the first cycle goes out
+    // as it is, the second after the layer engaged (on the same connection).
+    let frames = [
+        parse("", "SELECT 1"),
+        bind_execute("").concat(),
+        sync(),
+        parse("n1", "SELECT 2"),
+        bind_execute("n1").concat(),
+        sync(),
+    ];
+    let wait = Duration::from_secs(5);
+    let first = tokio::time::timeout(wait, raw_cycle(&mut s, &frames)).await;
+    assert_eq!(first.expect("no hang").0, "12DCZ");
+    let second = tokio::time::timeout(wait, raw_cycle(&mut s, &[])).await;
+    assert_eq!(second.expect("no hang").0, "12DCZ");
+    assert_eq!(
+        raw_cycle(&mut s, &[bind_execute("n1").concat(), sync()])
+            .await
+            .0,
+        "2DCZ"
+    );
+
+    // A named statement inside a cycle whose first messages already reached the server
+    // (answers read after Flush): the session is pinned instead, and nothing hangs.
+    let mut p = common::raw::login(proxy.addr, &common::token("initech", "peter")).await;
+    {
+        use tokio::io::AsyncWriteExt;
+        let flush = common::raw::frame(b'H', &[]);
+        p.write_all(&[parse("", "SELECT 3"), bind_execute("").concat(), flush].concat())
+            .await
+            .expect("send");
+        let mut tags = String::new();
+        while !tags.ends_with('C') {
+            let (tag, _) = tokio::time::timeout(wait, common::raw::read_message(&mut p))
+                .await
+                .expect("no hang")
+                .expect("answer");
+            tags.push(tag as char);
+        }
+        assert_eq!(tags, "12DC");
+    }
+    let rest = [parse("n2", "SELECT 4"), bind_execute("n2").concat(), sync()];
+    let done = tokio::time::timeout(wait, raw_cycle(&mut p, &rest)).await;
+    assert_eq!(done.expect("no hang"), ("12DCZ".to_string(), vec![]));
+    assert_eq!(
+        raw_cycle(&mut p, &[bind_execute("n2").concat(), sync()])
+            .await
+            .0,
+        "2DCZ"
+    );
+    let admin = proxy.admin_addr.expect("admin");
+    let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pgtenant_pinned_sessions_total")
+                && l.contains("reason=\"named_statement_mid_cycle\"")),
+        "pinned, with its reason"
+    );
+}
