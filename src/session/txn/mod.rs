@@ -389,6 +389,12 @@ impl Loop<'_> {
         self.conn.write_flush(&hello).await?;
         let mut waiter = wait::Waiter::new(self.deadline);
         loop {
+            // No server buffers are held while detached; the client buffer (also the
+            // handshake's, before the first request) is freed too when empty (memory per
+            // idle client; `wait` reads the next request's first bytes on the stack).
+            if self.conn.read_buf.is_empty() {
+                self.conn.read_buf = BytesMut::new();
+            }
             let live = &self.session.entry.live;
             live.set_server(0, 0);
             if let Err(end) = waiter
@@ -418,11 +424,6 @@ impl Loop<'_> {
                 return Ok(end);
             }
             drop(lease);
-            // No server buffers are held while detached; the client buffer is freed too
-            // when empty (memory per idle client).
-            if self.conn.read_buf.is_empty() {
-                self.conn.read_buf = BytesMut::new();
-            }
         }
     }
 

@@ -3,7 +3,7 @@
 //! session deadline. No server connection is held here.
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::protocol::tags;
 use crate::session::lifetime::Expiry;
@@ -48,6 +48,7 @@ impl Waiter {
         let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30);
         let expiry = tokio::time::sleep_until(self.deadline.map_or(far, |(at, _)| at));
         tokio::pin!(expiry);
+        let mut first = [0u8; IDLE_READ];
         loop {
             // Between transactions is where draining and expired sessions end.
             if draining {
@@ -69,7 +70,10 @@ impl Waiter {
                 (true, false) => SessionState::Waiting,
                 (false, _) => SessionState::Idle,
             });
-            if conn.read_buf.capacity() - conn.read_buf.len() < 64 {
+            // A detached client's buffer is freed (`Loop::serve`); the first read of its next
+            // request lands on the stack and is copied, so an idle client holds no buffer.
+            let unbuffered = conn.read_buf.capacity() == 0;
+            if !unbuffered && conn.read_buf.capacity() - conn.read_buf.len() < 64 {
                 conn.read_buf.reserve(IDLE_READ);
             }
             let hold = paused && !conn.read_buf.is_empty();
@@ -84,13 +88,28 @@ impl Waiter {
                 () = &mut expiry, if self.deadline.is_some() && !self.expired => {
                     self.expired = true;
                 }
-                read = conn.io.read_buf(&mut conn.read_buf), if !hold => match read {
+                read = read_some(&mut conn.io, &mut conn.read_buf, &mut first), if !hold => match read {
                     Ok(0) | Err(_) => return Err(RelayEnd::ClientClosed),
                     Ok(_) => {}
                 },
             }
         }
     }
+}
+
+/// Reads into `buf`; a buffer without capacity is not allocated until bytes arrive (they
+/// are read into `first` and copied). Cancel-safe.
+async fn read_some<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    first: &mut [u8],
+) -> std::io::Result<usize> {
+    if buf.capacity() > 0 {
+        return io.read_buf(buf).await;
+    }
+    let n = io.read(first).await?;
+    buf.extend_from_slice(&first[..n]);
+    Ok(n)
 }
 
 /// A whole first message is buffered, or enough of a large one to start streaming it.
