@@ -11,6 +11,7 @@
 mod cycle;
 mod engage;
 mod prepared_io;
+mod pump;
 mod server_side;
 pub mod setup;
 pub mod statements;
@@ -20,7 +21,7 @@ pub use setup::SetupAnswer;
 pub use statements::{CompletedStatement, StatementTracker};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::watch;
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use super::signals::{Signal, Signals};
 
 use engage::EngagePoint;
 use prepared_io::Prep;
+use pump::{Books, Pump};
 use server_side::ServerSide;
 
 /// Read buffers grow in steps of this many bytes and are reused for the whole session.
@@ -135,8 +137,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             prepared: server_prepared,
             ..
         } = &mut *self.server;
-        let (mut server_r, mut server_w) = tokio::io::split(stream);
-        let (mut client_r, mut client_w) = tokio::io::split(&mut *self.client);
+        let (server_r, server_w) = tokio::io::split(stream);
+        let (client_r, client_w) = tokio::io::split(&mut *self.client);
         let client_buf = &mut *self.client_buf;
         let mut client_scan = FrameScanner::new(self.max_client_frame);
         let mut server_scan = FrameScanner::new(MAX_SERVER_FRAME);
@@ -164,16 +166,27 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
         let mut held = BytesMut::new();
         // Watching for the layer needs the same frames whole as the layer itself.
         self.cycle.whole_for_prepared = prep.is_some() || lazy.is_some();
-        let mut server_side = ServerSide {
-            buf: server_buf,
-            params,
-            tx_status,
-            scan: &mut server_scan,
-            out: BytesMut::new(),
-            setup,
-            prep,
+        let mut pump = Pump {
+            client_r,
+            client_w,
+            server_r,
+            server_w,
+            server_side: ServerSide {
+                buf: server_buf,
+                params,
+                tx_status,
+                scan: &mut server_scan,
+                out: BytesMut::new(),
+                setup,
+                prep,
+            },
+            local: BytesMut::new(),
         };
-        let mut local = BytesMut::new();
+        let mut books = Books {
+            cycle: &mut self.cycle,
+            stats: &mut self.stats,
+            on_statement: self.on_statement,
+        };
         let (mut signals, live, deadline) = match self.watches.take() {
             Some(w) => (Some(w.signals), Some(w.live), w.deadline),
             None => (None, None, None),
@@ -200,7 +213,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             // Drain: end the session between requests and outside a transaction, so a
             // transaction in progress gets to finish (up to the shutdown deadline). An
             // expired session ends at the same points.
-            let at_boundary = self.cycle.idle() && *server_side.tx_status == b'I';
+            let at_boundary = books.cycle.idle() && *pump.server_side.tx_status == b'I';
             if at_boundary && draining {
                 return RelayEnd::Shutdown;
             }
@@ -214,25 +227,29 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                 if at_boundary
                     && !pending_client_bytes
                     && client_buf.is_empty()
-                    && server_side.buf.is_empty()
-                    && server_side.setup.is_none()
+                    && pump.server_side.buf.is_empty()
+                    && pump.server_side.setup.is_none()
                     && held.is_empty()
-                    && server_side.prep.as_ref().is_none_or(|p| p.stmts.idle())
+                    && pump
+                        .server_side
+                        .prep
+                        .as_ref()
+                        .is_none_or(|p| p.stmts.idle())
                     && !pinned()
                 {
                     return RelayEnd::Detached;
                 }
             }
             if engage_when_idle
-                && self.cycle.idle()
-                && server_side.setup.is_none()
-                && server_side.buf.is_empty()
+                && books.cycle.idle()
+                && pump.server_side.setup.is_none()
+                && pump.server_side.buf.is_empty()
             {
                 return RelayEnd::Engage;
             }
             // Held-back client bytes go on once a ReadyForQuery came (what they waited for
             // may be answered now); new client bytes wait behind them.
-            if let Some(p) = server_side.prep.as_mut() {
+            if let Some(p) = pump.server_side.prep.as_mut() {
                 if !held.is_empty() && std::mem::take(&mut p.ready_seen) {
                     rewritten.clear();
                     let taken = match p.rewrite_planned(&held, &mut rewritten) {
@@ -242,25 +259,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     held.advance(taken);
                     // Locally answered messages first in line go out before anything the
                     // server answers to what follows them.
-                    p.stmts.drain_due(&mut local);
-                    if let Err(end) = flush_local(&mut client_w, &mut local).await {
-                        return end;
-                    }
-                    let sent = write_draining(
-                        &rewritten,
-                        &mut server_w,
-                        &mut server_r,
-                        &mut server_side,
-                        &mut client_w,
-                        &mut self.cycle,
-                        &mut self.stats,
-                        self.on_statement,
-                    )
-                    .await;
-                    if let Err(end) = sent {
-                        return end;
-                    }
-                    if let Err(end) = flush_local(&mut client_w, &mut local).await {
+                    p.stmts.drain_due(&mut pump.local);
+                    if let Err(end) = pump.send_rewritten(&rewritten, &mut books).await {
                         return end;
                     }
                     continue;
@@ -275,20 +275,20 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     SessionState::Paused
                 } else if hold {
                     SessionState::Waiting
-                } else if self.cycle.idle() {
-                    SessionState::from_tx_status(*server_side.tx_status)
+                } else if books.cycle.idle() {
+                    SessionState::from_tx_status(*pump.server_side.tx_status)
                 } else {
                     SessionState::Active
                 });
                 live.publish(
-                    self.stats.queries,
-                    self.stats.client_bytes,
-                    self.stats.server_bytes,
+                    books.stats.queries,
+                    books.stats.client_bytes,
+                    books.stats.server_bytes,
                 );
             }
             if !pending_client_bytes || hold || blocked {
                 reserve(client_buf);
-                reserve(server_side.buf);
+                reserve(pump.server_side.buf);
                 tokio::select! {
                     biased;
                     changed = shutdown.changed(), if !draining && signals.is_none() => {
@@ -313,17 +313,13 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                         expired = true;
                         continue;
                     }
-                    read = server_r.read_buf(server_side.buf) => {
-                        let forwarded = server_side
-                            .on_read(read, &mut client_w, &mut self.cycle, &mut self.stats)
-                            .await;
-                        report_statements(&mut self.cycle, self.on_statement);
-                        if let Err(end) = forwarded {
+                    read = pump.server_r.read_buf(pump.server_side.buf) => {
+                        if let Err(end) = pump.on_server_read(read, &mut books).await {
                             return end;
                         }
                         continue;
                     }
-                    read = client_r.read_buf(client_buf), if (!hold || client_buf.is_empty()) && !blocked => {
+                    read = pump.client_r.read_buf(client_buf), if (!hold || client_buf.is_empty()) && !blocked => {
                         match read {
                             Ok(0) | Err(_) => return RelayEnd::ClientClosed,
                             Ok(_) => {}
@@ -341,7 +337,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             if let Some(pin_session) = lazy {
                 let skip = client_scan.pending_body();
                 let point = client_buf.get(skip..).map_or(EngagePoint::None, |bytes| {
-                    engage::engage_point(bytes, self.cycle.mid_cycle(), self.cycle.discarding())
+                    engage::engage_point(bytes, books.cycle.mid_cycle(), books.cycle.discarding())
                 });
                 match point {
                     EngagePoint::None => {}
@@ -357,7 +353,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                 }
             }
             let plan =
-                match self
+                match books
                     .cycle
                     .plan_client(&mut client_scan, &client_buf[..limit], self.filter)
                 {
@@ -365,10 +361,11 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     Err(e) => return RelayEnd::ClientViolation(e.into()),
                 };
             if plan.queries > 0 {
-                self.stats.queries += plan.queries;
+                books.stats.queries += plan.queries;
                 (self.on_queries)(plan.queries);
             }
-            if let Some(p) = server_side.prep.as_mut() {
+            books.stats.client_bytes += plan.forwarded().map(|r| r.len() as u64).sum::<u64>();
+            let sent = if let Some(p) = pump.server_side.prep.as_mut() {
                 // Transaction mode with statement renaming: the setup, then the client's
                 // frames as rewritten for this connection, in one write.
                 rewritten.clear();
@@ -376,7 +373,6 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     rewritten.extend_from_slice(&bytes);
                 }
                 for range in plan.forwarded() {
-                    self.stats.client_bytes += range.len() as u64;
                     if !held.is_empty() {
                         held.extend_from_slice(&client_buf[range]);
                         continue;
@@ -388,84 +384,27 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     };
                     held.extend_from_slice(&client_buf[range.start + taken..range.end]);
                 }
-                p.stmts.drain_due(&mut local);
-                if let Err(end) = flush_local(&mut client_w, &mut local).await {
-                    return end;
-                }
-                let sent = write_draining(
-                    &rewritten,
-                    &mut server_w,
-                    &mut server_r,
-                    &mut server_side,
-                    &mut client_w,
-                    &mut self.cycle,
-                    &mut self.stats,
-                    self.on_statement,
-                )
-                .await;
-                if let Err(end) = sent {
-                    return end;
-                }
-                client_buf.advance(plan.consumed);
-                self.cycle
-                    .take_due_locals(*server_side.tx_status, &mut local);
-                if let Err(end) = flush_local(&mut client_w, &mut local).await {
-                    return end;
-                }
-                if plan.terminate {
-                    return RelayEnd::Terminated;
-                }
-                continue;
-            }
-            // Transaction mode: the setup goes in the same write as the client's first frames.
-            let joined = prefix.take().map(|mut bytes| {
+                p.stmts.drain_due(&mut pump.local);
+                pump.send_rewritten(&rewritten, &mut books).await
+            } else if let Some(mut bytes) = prefix.take() {
+                // Transaction mode: the setup goes in the same write as the client's first
+                // frames.
                 for range in plan.forwarded() {
-                    self.stats.client_bytes += range.len() as u64;
                     bytes.extend_from_slice(&client_buf[range]);
                 }
-                bytes
-            });
-            let (out, single) = match &joined {
-                Some(bytes) => (&bytes[..], Some(0..bytes.len())),
-                None => (&client_buf[..], None),
+                pump.write_server(&bytes, std::iter::once(0..bytes.len()), &mut books)
+                    .await
+            } else {
+                pump.write_server(client_buf, plan.forwarded(), &mut books)
+                    .await
             };
-            let direct = joined.is_none().then(|| plan.forwarded());
-            // Write to the server while still draining what it sends back.
-            for range in single.into_iter().chain(direct.into_iter().flatten()) {
-                if joined.is_none() {
-                    self.stats.client_bytes += range.len() as u64;
-                }
-                let mut off = range.start;
-                while off < range.end {
-                    tokio::select! {
-                        written = server_w.write(&out[off..range.end]) => match written {
-                            Ok(0) | Err(_) => return RelayEnd::ServerClosed,
-                            Ok(n) => off += n,
-                        },
-                        read = server_r.read_buf(server_side.buf) => {
-                            let forwarded = server_side
-                                .on_read(read, &mut client_w, &mut self.cycle, &mut self.stats)
-                                .await;
-                            report_statements(&mut self.cycle, self.on_statement);
-                            if let Err(end) = forwarded {
-                                return end;
-                            }
-                        }
-                    }
-                }
-            }
-            if server_w.flush().await.is_err() {
-                return RelayEnd::ServerClosed;
+            if let Err(end) = sent {
+                return end;
             }
             client_buf.advance(plan.consumed);
             // pgtenant's own answers that nothing else is waiting before.
-            self.cycle
-                .take_due_locals(*server_side.tx_status, &mut local);
-            if !local.is_empty() {
-                if client_w.write_all(&local).await.is_err() || client_w.flush().await.is_err() {
-                    return RelayEnd::ClientClosed;
-                }
-                local.clear();
+            if let Err(end) = pump.answer_due_locals(books.cycle).await {
+                return end;
             }
             if plan.terminate {
                 return RelayEnd::Terminated;
@@ -474,70 +413,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
     }
 }
 
-/// Writes `out` to the server while still relaying what the server sends back (so a
-/// pipelining client cannot deadlock the pair), then flushes.
-#[allow(clippy::too_many_arguments)]
-async fn write_draining<SR, SW, CW>(
-    out: &[u8],
-    server_w: &mut SW,
-    server_r: &mut SR,
-    server_side: &mut ServerSide<'_>,
-    client_w: &mut CW,
-    cycle: &mut Cycle,
-    stats: &mut RelayStats,
-    on_statement: Option<&(dyn Fn(CompletedStatement) + Send + Sync)>,
-) -> Result<(), RelayEnd>
-where
-    SR: AsyncRead + Unpin,
-    SW: AsyncWrite + Unpin,
-    CW: AsyncWrite + Unpin,
-{
-    let mut off = 0;
-    while off < out.len() {
-        tokio::select! {
-            written = server_w.write(&out[off..]) => match written {
-                Ok(0) | Err(_) => return Err(RelayEnd::ServerClosed),
-                Ok(n) => off += n,
-            },
-            read = server_r.read_buf(server_side.buf) => {
-                let forwarded = server_side.on_read(read, client_w, cycle, stats).await;
-                report_statements(cycle, on_statement);
-                forwarded?;
-            }
-        }
-    }
-    server_w.flush().await.map_err(|_| RelayEnd::ServerClosed)
-}
-
-/// Sends pgtenant's own answers that are due (and clears them).
-async fn flush_local<CW: AsyncWrite + Unpin>(
-    client_w: &mut CW,
-    local: &mut BytesMut,
-) -> Result<(), RelayEnd> {
-    if local.is_empty() {
-        return Ok(());
-    }
-    if client_w.write_all(local).await.is_err() || client_w.flush().await.is_err() {
-        return Err(RelayEnd::ClientClosed);
-    }
-    local.clear();
-    Ok(())
-}
-
 fn prepared_violation(e: crate::prepared::PreparedError) -> ClientError {
     ClientError::Protocol(e.to_string())
-}
-
-/// Hands the statements the server completed to the audit callback.
-fn report_statements(
-    cycle: &mut Cycle,
-    on_statement: Option<&(dyn Fn(CompletedStatement) + Send + Sync)>,
-) {
-    if let (Some(tracker), Some(report)) = (cycle.tracker.as_mut(), on_statement) {
-        for done in tracker.completed.drain(..) {
-            report(done);
-        }
-    }
 }
 
 /// The session's next signal; never without `Signals` (a bare relay).
