@@ -160,10 +160,6 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
         };
         // Client bytes wait (unread, unplanned) until the layer is engaged.
         let mut engage_when_idle = false;
-        // Transaction mode with statement renaming: the rewritten client bytes (reused),
-        // and client bytes planned but held back until an earlier cycle is answered.
-        let mut rewritten = BytesMut::new();
-        let mut held = BytesMut::new();
         // Watching for the layer needs the same frames whole as the layer itself.
         self.cycle.whole_for_prepared = prep.is_some() || lazy.is_some();
         let mut pump = Pump {
@@ -181,6 +177,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                 prep,
             },
             local: BytesMut::new(),
+            rewritten: BytesMut::new(),
+            held: BytesMut::new(),
         };
         let mut books = Books {
             cycle: &mut self.cycle,
@@ -229,7 +227,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                     && client_buf.is_empty()
                     && pump.server_side.buf.is_empty()
                     && pump.server_side.setup.is_none()
-                    && held.is_empty()
+                    && pump.held.is_empty()
                     && pump
                         .server_side
                         .prep
@@ -249,24 +247,12 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
             }
             // Held-back client bytes go on once a ReadyForQuery came (what they waited for
             // may be answered now); new client bytes wait behind them.
-            if let Some(p) = pump.server_side.prep.as_mut() {
-                if !held.is_empty() && std::mem::take(&mut p.ready_seen) {
-                    rewritten.clear();
-                    let taken = match p.rewrite_planned(&held, &mut rewritten) {
-                        Ok(taken) => taken,
-                        Err(e) => return RelayEnd::ClientViolation(prepared_violation(e)),
-                    };
-                    held.advance(taken);
-                    // Locally answered messages first in line go out before anything the
-                    // server answers to what follows them.
-                    p.stmts.drain_due(&mut pump.local);
-                    if let Err(end) = pump.send_rewritten(&rewritten, &mut books).await {
-                        return end;
-                    }
-                    continue;
-                }
+            match pump.release_held(&mut books).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(end) => return end,
             }
-            let blocked = !held.is_empty() || engage_when_idle;
+            let blocked = !pump.held.is_empty() || engage_when_idle;
             // PAUSE holds the next request at a transaction boundary: at most one read of
             // it is taken in (so SHOW CLIENTS can tell a held request), none is forwarded.
             let hold = paused && at_boundary;
@@ -365,39 +351,9 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Relay<'_, C> {
                 (self.on_queries)(plan.queries);
             }
             books.stats.client_bytes += plan.forwarded().map(|r| r.len() as u64).sum::<u64>();
-            let sent = if let Some(p) = pump.server_side.prep.as_mut() {
-                // Transaction mode with statement renaming: the setup, then the client's
-                // frames as rewritten for this connection, in one write.
-                rewritten.clear();
-                if let Some(bytes) = prefix.take() {
-                    rewritten.extend_from_slice(&bytes);
-                }
-                for range in plan.forwarded() {
-                    if !held.is_empty() {
-                        held.extend_from_slice(&client_buf[range]);
-                        continue;
-                    }
-                    let taken = match p.rewrite_planned(&client_buf[range.clone()], &mut rewritten)
-                    {
-                        Ok(taken) => taken,
-                        Err(e) => return RelayEnd::ClientViolation(prepared_violation(e)),
-                    };
-                    held.extend_from_slice(&client_buf[range.start + taken..range.end]);
-                }
-                p.stmts.drain_due(&mut pump.local);
-                pump.send_rewritten(&rewritten, &mut books).await
-            } else if let Some(mut bytes) = prefix.take() {
-                // Transaction mode: the setup goes in the same write as the client's first
-                // frames.
-                for range in plan.forwarded() {
-                    bytes.extend_from_slice(&client_buf[range]);
-                }
-                pump.write_server(&bytes, std::iter::once(0..bytes.len()), &mut books)
-                    .await
-            } else {
-                pump.write_server(client_buf, plan.forwarded(), &mut books)
-                    .await
-            };
+            let sent = pump
+                .forward_planned(&plan, client_buf, prefix.take(), &mut books)
+                .await;
             if let Err(end) = sent {
                 return end;
             }

@@ -5,11 +5,11 @@
 
 use std::ops::Range;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::server_side::ServerSide;
-use super::{CompletedStatement, Cycle, RelayEnd, RelayStats};
+use super::{prepared_violation, ClientPlan, CompletedStatement, Cycle, RelayEnd, RelayStats};
 
 pub(super) struct Pump<'s, CR, CW, SR, SW> {
     pub client_r: CR,
@@ -19,6 +19,11 @@ pub(super) struct Pump<'s, CR, CW, SR, SW> {
     pub server_side: ServerSide<'s>,
     /// pgtenant's own answers due to the client (reused).
     pub local: BytesMut,
+    /// Transaction mode with statement renaming: the client bytes as rewritten for this
+    /// connection (reused), and client bytes planned but held back until an earlier cycle
+    /// is answered (see `prepared::PreparedStatements::rewrite`).
+    pub rewritten: BytesMut,
+    pub held: BytesMut,
 }
 
 /// The relay's bookkeeping that the server's answers update.
@@ -105,16 +110,78 @@ where
         Ok(())
     }
 
-    /// Transaction mode with statement renaming: the local answers already due, the
-    /// rewritten client bytes, then the `Cycle`'s own answers that are due.
-    pub async fn send_rewritten(
+    /// Forwards the client bytes `plan` selected from `client_buf` (after `prefix`,
+    /// pgtenant's setup, in the same write): as they are, or rewritten for this connection
+    /// by the named-statement layer (what must wait is held back).
+    pub async fn forward_planned(
         &mut self,
-        rewritten: &[u8],
+        plan: &ClientPlan,
+        client_buf: &[u8],
+        prefix: Option<BytesMut>,
         books: &mut Books<'_>,
     ) -> Result<(), RelayEnd> {
+        let Some(p) = self.server_side.prep.as_mut() else {
+            return match prefix {
+                Some(mut bytes) => {
+                    for range in plan.forwarded() {
+                        bytes.extend_from_slice(&client_buf[range]);
+                    }
+                    self.write_server(&bytes, std::iter::once(0..bytes.len()), books)
+                        .await
+                }
+                None => self.write_server(client_buf, plan.forwarded(), books).await,
+            };
+        };
+        self.rewritten.clear();
+        if let Some(bytes) = prefix {
+            self.rewritten.extend_from_slice(&bytes);
+        }
+        for range in plan.forwarded() {
+            if !self.held.is_empty() {
+                self.held.extend_from_slice(&client_buf[range]);
+                continue;
+            }
+            let taken = p
+                .rewrite_planned(&client_buf[range.clone()], &mut self.rewritten)
+                .map_err(|e| RelayEnd::ClientViolation(prepared_violation(e)))?;
+            self.held
+                .extend_from_slice(&client_buf[range.start + taken..range.end]);
+        }
+        p.stmts.drain_due(&mut self.local);
+        self.send_rewritten(books).await
+    }
+
+    /// Offers held-back client bytes again once a ReadyForQuery came (what they waited for
+    /// may be answered now). Returns whether anything was sent.
+    pub async fn release_held(&mut self, books: &mut Books<'_>) -> Result<bool, RelayEnd> {
+        let Some(p) = self.server_side.prep.as_mut() else {
+            return Ok(false);
+        };
+        if self.held.is_empty() || !std::mem::take(&mut p.ready_seen) {
+            return Ok(false);
+        }
+        self.rewritten.clear();
+        let taken = p
+            .rewrite_planned(&self.held, &mut self.rewritten)
+            .map_err(|e| RelayEnd::ClientViolation(prepared_violation(e)))?;
+        self.held.advance(taken);
+        // Locally answered messages first in line go out before anything the server
+        // answers to what follows them.
+        p.stmts.drain_due(&mut self.local);
+        self.send_rewritten(books).await?;
+        Ok(true)
+    }
+
+    /// The local answers already due, `rewritten`, then the `Cycle`'s own answers that
+    /// are due.
+    async fn send_rewritten(&mut self, books: &mut Books<'_>) -> Result<(), RelayEnd> {
         self.flush_local().await?;
-        self.write_server(rewritten, std::iter::once(0..rewritten.len()), books)
-            .await?;
+        let rewritten = std::mem::take(&mut self.rewritten);
+        let sent = self
+            .write_server(&rewritten, std::iter::once(0..rewritten.len()), books)
+            .await;
+        self.rewritten = rewritten;
+        sent?;
         self.answer_due_locals(books.cycle).await
     }
 
