@@ -10,12 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::*;
 use crate::config::{Config, ServerTlsMode, UpstreamConfig};
 
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
+use crate::protocol::frame::test_frame as msg;
 
 fn auth(code: i32, extra: &[u8]) -> Vec<u8> {
     let mut body = code.to_be_bytes().to_vec();

@@ -120,12 +120,7 @@ mod tests {
     use super::*;
     use bytes::BufMut;
 
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::protocol::frame::test_frame as frame;
 
     #[test]
     fn splits_frames_and_waits_for_more() {

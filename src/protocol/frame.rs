@@ -153,16 +153,20 @@ pub fn take_cstr<'a>(body: &mut &'a [u8]) -> Option<&'a [u8]> {
     Some(s)
 }
 
+/// A whole frame `tag` + length + `body`, for tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use super::test_frame as frame;
 
     #[test]
     fn streams_large_frames_and_holds_partial_whole_frames() {

@@ -83,12 +83,7 @@ pub fn engage_point(buf: &[u8], unsynced: bool, discarding: bool) -> EngagePoint
 mod tests {
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::protocol::frame::test_frame as frame;
 
     fn parse(name: &str) -> Vec<u8> {
         frame(b'P', format!("{name}\0SELECT 1\0\0\0").as_bytes())

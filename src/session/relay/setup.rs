@@ -107,12 +107,7 @@ impl SetupAnswer {
 mod tests {
     use super::*;
 
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::protocol::frame::test_frame as msg;
 
     fn row(value: &str) -> Vec<u8> {
         let mut body = 1i16.to_be_bytes().to_vec();

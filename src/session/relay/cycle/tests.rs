@@ -1,11 +1,6 @@
 use super::*;
 
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
+use crate::protocol::frame::test_frame as frame;
 
 fn query(sql: &str) -> Vec<u8> {
     let mut b = sql.as_bytes().to_vec();
