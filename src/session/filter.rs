@@ -6,8 +6,54 @@ use tracing::info;
 use crate::isolation::guard::Guard;
 use crate::metrics as m;
 
-use super::audit_tap::SessionAudit;
+use super::audit_tap::{AuditGate, FilterChain, SessionAudit};
 use super::relay::{ClientFilter, Refusal};
+use crate::server::Runtime;
+
+/// The filters every session of an upstream gets, in order: the audit gate (refuses while
+/// the audit trail cannot take events, when configured), then the guard (shared
+/// upstreams). Transaction mode adds its `FeatureFilter` after them.
+pub struct SessionFilters<'a> {
+    gate: Option<AuditGate<'a>>,
+    guard: Option<GuardFilter<'a>>,
+}
+
+impl<'a> SessionFilters<'a> {
+    pub fn new(
+        rt: &'a Runtime,
+        upstream: &'a str,
+        tenant_label: &'a str,
+        audit: Option<&'a SessionAudit>,
+    ) -> Self {
+        let guard = rt.guards.get(upstream).map(|guard| GuardFilter {
+            guard,
+            tenant_label,
+            upstream,
+            allow_function_call: rt
+                .config
+                .upstreams
+                .get(upstream)
+                .is_some_and(|u| u.allow_function_call),
+            audit,
+        });
+        SessionFilters {
+            gate: audit.map(|a| AuditGate { audit: &a.audit }),
+            guard,
+        }
+    }
+
+    /// The chain of the filters present (empty when none is).
+    pub fn chain(&self) -> FilterChain<'_> {
+        let mut filters: Vec<&dyn ClientFilter> = Vec::new();
+        if let Some(gate) = &self.gate {
+            filters.push(gate);
+        }
+        if let Some(guard) = &self.guard {
+            filters.push(guard);
+        }
+        FilterChain { filters }
+    }
+}
 
 pub struct GuardFilter<'a> {
     pub guard: &'a Guard,

@@ -35,7 +35,6 @@ pub use audit_tap::SessionAudit;
 pub use client::ClientConn;
 pub use handshake::StartupParams;
 
-use audit_tap::{AuditGate, FilterChain};
 use handshake::{Hello, Refused};
 use registry::{NewSession, SessionHandle};
 use relay::{Relay, RelayEnd};
@@ -291,23 +290,8 @@ async fn run_session(
         a.session_start();
     }
 
-    let guard_filter = rt.guards.get(&*upstream).map(|guard| filter::GuardFilter {
-        guard,
-        tenant_label: &tenant_label,
-        upstream: &upstream,
-        allow_function_call: rt.config.upstreams[&*upstream].allow_function_call,
-        audit,
-    });
-    let gate = audit.map(|a| AuditGate { audit: &a.audit });
-    let mut chain = FilterChain {
-        filters: Vec::new(),
-    };
-    if let Some(gate) = &gate {
-        chain.filters.push(gate);
-    }
-    if let Some(guard) = &guard_filter {
-        chain.filters.push(guard);
-    }
+    let filters = filter::SessionFilters::new(rt, &upstream, &tenant_label, audit);
+    let chain = filters.chain();
     let filter = match chain.filters.len() {
         0 => None,
         1 => chain.filters.first().copied(),

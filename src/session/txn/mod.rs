@@ -35,7 +35,6 @@ use crate::pool::{PoolError, TxnLease, TxnPool};
 use crate::prepared::{Counters, PreparedStatements, ServerStatements};
 use crate::protocol::messages;
 
-use super::audit_tap::{AuditGate, FilterChain};
 use super::registry::Control;
 use super::registry::{SessionHandle, SessionState};
 use super::relay::{self, Attach, Relay, RelayEnd};
@@ -107,27 +106,8 @@ pub(super) async fn run(start: Start<'_>) -> Result<(), ClientError> {
     let deadline = lifetime::session_deadline(&rt.config.jwt, identity.expires_at);
 
     let features = FeatureFilter::new(pool.session_features(), &upstream);
-    let guard_filter = rt.guards.get(&*upstream).map(|guard| filter::GuardFilter {
-        guard,
-        tenant_label: &tenant_label,
-        upstream: &upstream,
-        allow_function_call: rt
-            .config
-            .upstreams
-            .get(&*upstream)
-            .is_some_and(|u| u.allow_function_call),
-        audit,
-    });
-    let gate = audit.map(|a| AuditGate { audit: &a.audit });
-    let mut chain = FilterChain {
-        filters: Vec::new(),
-    };
-    if let Some(gate) = &gate {
-        chain.filters.push(gate);
-    }
-    if let Some(guard) = &guard_filter {
-        chain.filters.push(guard);
-    }
+    let filters = filter::SessionFilters::new(rt, &upstream, &tenant_label, audit);
+    let mut chain = filters.chain();
     // Last: a statement the guard refuses must not pin or change tracked settings.
     chain.filters.push(&features);
     let statement_audit = audit.filter(|a| a.statements());
