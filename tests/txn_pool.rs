@@ -23,6 +23,20 @@ fn txn_mode(c: &mut Config, pool_size: u32) {
     up.pool_size = pool_size;
 }
 
+/// Sessions give their connection back just after relaying ReadyForQuery: a test that
+/// depends on which idle connection comes next waits until all are back.
+async fn wait_until_no_connection_in_use(proxy: &pgtenant::server::ProxyHandle) {
+    let admin = proxy.admin_addr.expect("admin");
+    for _ in 0..250 {
+        let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+        if common::serve::metric(&text, "pgtenant_pool_in_use_connections") == 0.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server connections still in use after 5 s");
+}
+
 /// The first column of the first row of a simple query.
 async fn simple_value(client: &Client, sql: &str) -> String {
     let rows = client
@@ -265,6 +279,7 @@ async fn tracked_settings_survive_a_move_and_do_not_leak() {
     let first_pid = simple_value(&c, "SELECT pg_backend_pid()").await;
     // Another client of the same tenant takes c's idle connection (affinity) and holds it.
     let e = common::connect(proxy.addr, "initech").await;
+    wait_until_no_connection_in_use(&proxy).await;
     e.batch_execute("BEGIN").await.expect("begin");
     let e_pid = simple_value(&e, "SELECT pg_backend_pid()").await;
     assert_eq!(
@@ -310,6 +325,8 @@ async fn tracked_settings_survive_a_move_and_do_not_leak() {
         "{err}"
     );
     let c_pid = simple_value(&c, "SELECT pg_backend_pid()").await;
+    // e takes c's connection, the most recently returned.
+    wait_until_no_connection_in_use(&proxy).await;
     e.batch_execute("BEGIN").await.expect("begin");
     assert_eq!(simple_value(&e, "SELECT pg_backend_pid()").await, c_pid);
     assert_ne!(simple_value(&c, "SELECT pg_backend_pid()").await, c_pid);
@@ -472,13 +489,22 @@ async fn console_pause_kill_and_show_pools_work_in_transaction_mode() {
     let g = common::connect(proxy.addr, "globex").await;
     assert_eq!(simple_value(&g, "SELECT 1").await, "1");
     // Two idle sessions, no server connection in use: they hold none between transactions.
-    let pools = console_rows(&admin, "SHOW POOLS").await;
-    let shared = pools
-        .iter()
-        .find(|r| has(r, "upstream", "shared"))
-        .unwrap_or_else(|| panic!("{pools:?}"));
+    // (A session gives its connection back just after relaying ReadyForQuery, so the
+    // console may look a moment before that.)
+    let mut shared = Vec::new();
+    for _ in 0..100 {
+        let pools = console_rows(&admin, "SHOW POOLS").await;
+        shared = pools
+            .into_iter()
+            .find(|r| has(r, "upstream", "shared"))
+            .expect("shared pool listed");
+        if has(&shared, "in_use", "0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for (column, value) in [("pool_size", "2"), ("in_use", "0"), ("sessions", "2")] {
-        assert!(has(shared, column, value), "{column}: {shared:?}");
+        assert!(has(&shared, column, value), "{column}: {shared:?}");
     }
     admin.simple_query("PAUSE medcorp").await.expect("pause");
     let held = tokio::spawn(async move {
