@@ -35,8 +35,7 @@ use crate::pool::{PoolError, TxnLease, TxnPool};
 use crate::prepared::{Counters, PreparedStatements, ServerStatements};
 use crate::protocol::messages;
 
-use super::registry::Control;
-use super::registry::{SessionHandle, SessionState};
+use super::registry::{Control, SessionHandle, SessionState};
 use super::relay::{self, Attach, Relay, RelayEnd};
 use super::signals::{Signal, Signals};
 use super::{end_label, filter, lifetime, m_ended, m_refused, totals, ClientConn, SessionAudit};
