@@ -149,8 +149,7 @@ async fn sessions_open_with_keys_from_the_url_and_follow_a_rotation() {
     );
     assert_eq!(server.hits(), 2);
 
-    let admin = proxy.admin_addr.expect("admin listener");
-    let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+    let text = common::proxy_metrics(&proxy).await;
     assert!(
         common::serve::metric(&text, r#"pgtenant_jwks_refreshes_total{result="ok"}"#) >= 2.0,
         "{text}"

@@ -26,9 +26,8 @@ fn txn_mode(c: &mut Config, pool_size: u32) {
 /// Sessions give their connection back just after relaying ReadyForQuery: a test that
 /// depends on which idle connection comes next waits until all are back.
 async fn wait_until_no_connection_in_use(proxy: &pgtenant::server::ProxyHandle) {
-    let admin = proxy.admin_addr.expect("admin");
     for _ in 0..250 {
-        let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+        let text = common::proxy_metrics(proxy).await;
         if common::serve::metric(&text, "pgtenant_pool_in_use_connections") == 0.0 {
             return;
         }
@@ -412,8 +411,7 @@ async fn pgbench_runs_clean_in_transaction_mode() {
             "{mode}: {text}"
         );
     }
-    let admin = proxy.admin_addr.expect("admin");
-    let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+    let text = common::proxy_metrics(&proxy).await;
     assert!(
         common::serve::metric(&text, "pgtenant_prepared_statements_cache_hits_total") > 0.0,
         "clients of one tenant share server-side statements"
@@ -694,8 +692,7 @@ async fn prepared_statements_follow_clients_across_connections_per_tenant() {
         pids.extend(t.await.expect("client task"));
     }
     assert_eq!(pids.len(), 2, "statements ran on both connections");
-    let admin = proxy.admin_addr.expect("admin");
-    let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+    let text = common::proxy_metrics(&proxy).await;
     assert!(
         common::serve::metric(&text, "pgtenant_prepared_statements_reparsed_total") > 0.0,
         "statements were re-prepared on the connection a client moved to"
@@ -845,8 +842,7 @@ async fn the_named_statement_layer_engages_mid_stream_or_pins() {
             .0,
         "2DCZ"
     );
-    let admin = proxy.admin_addr.expect("admin");
-    let (_, text) = common::http_get(&format!("http://{admin}/metrics")).await;
+    let text = common::proxy_metrics(&proxy).await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("pgtenant_pinned_sessions_total")

@@ -190,6 +190,12 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).trim().to_string()
 }
 
+/// The `/metrics` text of an in-process proxy (its config must have `[admin]`).
+pub async fn proxy_metrics(proxy: &ProxyHandle) -> String {
+    let admin = proxy.admin_addr.expect("the proxy has an admin listener");
+    http_get(&format!("http://{admin}/metrics")).await.1
+}
+
 /// A tiny HTTP/1.0 GET over TCP (no client crate needed for three endpoints).
 pub async fn http_get(url: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
